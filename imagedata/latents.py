@@ -1,0 +1,173 @@
+"""Precomputed VAE latent shards written by extract_features.py, and the dataset that reads them.
+
+Layout of a features directory (all shard files are plain .npy, opened with np.load(mmap_mode="r")):
+    manifest.json                written by rank 0 once every shard exists; see write_manifest
+    shard-00000.latents.npy      (n, 2, C, h, w) float32: [:, 0] latent of the image, [:, 1] of its hflip,
+                                 already multiplied by latent_scale (0.18215 for the SD VAE)
+    shard-00000.labels.npy       (n,) int64 class labels
+    shard-00000.json             per-shard record {shard, start, stop, count, skipped}; written last,
+                                 so its presence marks the shard finished (resume skips it)
+Shard k holds the images with dataset indices [k * shard_size, (k + 1) * shard_size) in order,
+minus the unreadable ones listed in its "skipped" (only with --skip-bad-images).
+"""
+import bisect
+import json
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .flip import SeededFlip
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "dtr-vae-latents"
+FORMAT_VERSION = 1
+MANIFEST_KEYS = ("format", "version", "vae", "latent_scale", "latent_shape", "dtype", "image_size",
+                 "num_classes", "count", "shards")
+
+
+def shard_stem(shard_index):
+    """File name stem of shard k; names depend on the shard, not the rank, so any world size resumes."""
+    return f"shard-{shard_index:05d}"
+
+
+def _atomic_write(path, write):
+    """Write through a temp file in the same directory then os.replace, so a crash leaves no partial file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj):
+    """JSON dump through a temp file + os.replace."""
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def shard_is_finished(features_path, shard_index):
+    """A shard is finished when its record and both arrays exist (the record is written last)."""
+    stem = os.path.join(features_path, shard_stem(shard_index))
+    return all(os.path.isfile(stem + ext) for ext in (".json", ".latents.npy", ".labels.npy"))
+
+
+def write_shard(features_path, shard_index, latents, labels, record):
+    """Atomically write one shard: latents (n, 2, C, h, w), labels (n,), then its JSON record."""
+    latents = np.ascontiguousarray(latents, dtype=np.float32)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    if latents.ndim != 5 or latents.shape[1] != 2 or len(latents) != len(labels):
+        raise ValueError(f"shard {shard_index}: latents {latents.shape} / labels {labels.shape} do not match (n, 2, C, h, w) / (n,)")
+    stem = os.path.join(features_path, shard_stem(shard_index))
+    _atomic_write(stem + ".latents.npy", lambda f: np.save(f, latents))
+    _atomic_write(stem + ".labels.npy", lambda f: np.save(f, labels))
+    write_json_atomic(stem + ".json", dict(record, shard=shard_index, count=len(labels)))
+
+
+def read_shard_record(features_path, shard_index):
+    """The JSON record of a finished shard."""
+    path = os.path.join(features_path, shard_stem(shard_index) + ".json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_manifest(features_path, num_shards, **meta):
+    """Gather the finished shards' records into manifest.json (rank 0, after all ranks are done)."""
+    shards, skipped = [], []
+    for k in range(num_shards):
+        if not shard_is_finished(features_path, k):
+            raise FileNotFoundError(f"shard {k} of {num_shards} is not finished in {features_path}")
+        record = read_shard_record(features_path, k)
+        stem = shard_stem(k)
+        shards.append({"latents": stem + ".latents.npy", "labels": stem + ".labels.npy", "count": record["count"],
+                       "start": record["start"], "stop": record["stop"]})
+        skipped += record.get("skipped", [])
+    manifest = dict(meta, format=FORMAT_NAME, version=FORMAT_VERSION, dtype="float32",
+                    count=sum(s["count"] for s in shards), skipped=skipped, shards=shards)
+    write_json_atomic(os.path.join(features_path, MANIFEST_NAME), manifest)
+    return manifest
+
+
+def read_manifest(features_path):
+    """Load and validate manifest.json; clear errors for a missing, corrupt or incomplete manifest."""
+    if not os.path.isdir(features_path):
+        raise FileNotFoundError(f"features path does not exist or is not a directory: {features_path}")
+    path = os.path.join(features_path, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {features_path}: run extract_features.py "
+                                f"(the manifest is written only after every shard is finished)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupt manifest {path}: {err}") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"corrupt manifest {path}: expected a JSON object")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(f"manifest {path} lacks keys {missing}")
+    if manifest["format"] != FORMAT_NAME or manifest["version"] != FORMAT_VERSION:
+        raise ValueError(f"manifest {path} has format {manifest['format']!r} v{manifest['version']}, "
+                         f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}")
+    return manifest
+
+
+class LatentFeatureDataset(SeededFlip, Dataset):
+    """Latent shards -> (x (C, h, w) float32, already scaled, y int64); seeded choice of plain/flipped latent."""
+
+    def __init__(self, feature_path, flip=True, seed=0):
+        self.feature_path = feature_path
+        self.manifest = read_manifest(feature_path)
+        self.shards = self.manifest["shards"]
+        latent_shape = tuple(self.manifest["latent_shape"])
+        counts = []
+        for shard in self.shards:
+            latents, labels = self._open(shard)
+            if latents.shape[1:] != (2,) + latent_shape or latents.shape[0] != shard["count"] or labels.shape != (shard["count"],):
+                raise ValueError(f"shard {shard['latents']} in {feature_path} has shape {latents.shape} / labels "
+                                 f"{labels.shape}, manifest says ({shard['count']}, 2, *{list(latent_shape)})")
+            counts.append(shard["count"])
+        if sum(counts) != self.manifest["count"]:
+            raise ValueError(f"manifest in {feature_path}: shards hold {sum(counts)} latents, count says {self.manifest['count']}")
+        self.offsets = np.cumsum([0] + counts).tolist()
+        self.num_classes = int(self.manifest["num_classes"])
+        self.class_names = self.manifest.get("class_names")
+        self.channels, self.resolution = latent_shape[0], latent_shape[-1]
+        self.image_size = int(self.manifest["image_size"])
+        self.latent_scale = float(self.manifest["latent_scale"])
+        self.vae = self.manifest["vae"]
+        self._arrays = {}  # shard index -> (latents memmap, labels memmap), opened lazily per process
+        self._init_flip(flip, seed)
+
+    def _open(self, shard):
+        arrays = []
+        for key in ("latents", "labels"):
+            path = os.path.join(self.feature_path, shard[key])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"latent shard file listed in the manifest is missing: {path}")
+            try:
+                arrays.append(np.load(path, mmap_mode="r"))
+            except (ValueError, OSError) as err:
+                raise ValueError(f"corrupt latent shard file {path}: {err}") from err
+        return tuple(arrays)
+
+    def __getstate__(self):
+        # Memmaps would be pickled by value; DataLoader workers reopen the files instead.
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} latents")
+        k = bisect.bisect_right(self.offsets, index) - 1
+        if k not in self._arrays:
+            self._arrays[k] = self._open(self.shards[k])
+        latents, labels = self._arrays[k]
+        local = index - self.offsets[k]
+        x = torch.from_numpy(np.array(latents[local, int(self.is_flipped(index))]))  # (C, h, w)
+        return x, torch.tensor(int(labels[local]), dtype=torch.int64)
