@@ -1,0 +1,604 @@
+"""
+Train a DiT, optionally with Denoising Task Routing, using PyTorch DDP (Park et al., ICLR 2024, Sec. 5, App. C).
+
+    torchrun --nnodes=1 --nproc_per_node=8 train.py --feature-path features/imagenet256 --model DiT-L/2 --routing dtr
+    python train.py --config configs/table1/imagenet256_dit_l2_dtr.yaml --feature-path features/imagenet256
+    python train.py --config configs/tiny_pixel.yaml --data-path /usr/share/datasets/fashion-mnist   # CPU
+
+Defaults are the paper's setting: AdamW lr 1e-4 without weight decay, EMA 0.9999, random horizontal flip,
+cosine schedule over 1000 steps, learned sigma. Runs under torchrun (nccl on GPU, gloo on CPU) or as a plain
+single process. Every global batch is the same whatever the world size: the sampler splits each global batch
+over ranks, and the timesteps, noise and label dropout of a step are drawn for the whole global batch from a
+generator seeded by (global seed, step), each rank taking its own samples. So 2 ranks x B match 1 rank x 2B,
+and a resumed run continues bit for bit.
+"""
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import random
+import resource
+import sys
+import time
+from collections import OrderedDict
+from glob import glob
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from diffusion import WEIGHTINGS, create_diffusion
+from imagedata import build_dataset
+from models import DiT, DiT_models, ROUTING_KINDS, create_model
+
+LATENT_SCALE = 0.18215  # SD VAE latent scale, as official DiT
+VAE_DOWNSAMPLE = 8  # SD VAE: 256x256x3 images -> 32x32x4 latents
+CUSTOM_DIT_FLAGS = ("hidden_size", "depth", "num_heads", "patch_size")  # architecture overrides of a custom DiT
+NOISE_SCHEDULES = ("squaredcos_cap_v2", "linear")
+
+
+#################################################################################
+#                             Training Helper Functions                         #
+#################################################################################
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay=0.9999):
+    """Step the EMA of the parameters towards the current model (App. C: EMA over parameters)."""
+    ema_params = OrderedDict(ema_model.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
+
+def requires_grad(model, flag=True):
+    """Set requires_grad for every parameter of a model."""
+    for p in model.parameters():
+        p.requires_grad = flag
+
+
+def setup_distributed():
+    """(rank, world_size, device): torchrun env -> process group (nccl on GPU, gloo on CPU); else one process."""
+    use_cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda:0" if use_cuda else "cpu")
+    # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK and the rendezvous (also across nodes)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        torch.cuda.set_device(local_rank)
+        return rank, world_size, torch.device("cuda", local_rank)
+    return rank, world_size, torch.device("cpu")
+
+
+def create_logger(logging_dir, rank):
+    """Rank 0 logs to the console and <logging_dir>/log.txt; other ranks log nothing."""
+    logger = logging.getLogger(f"train.{os.path.abspath(logging_dir) if logging_dir else rank}")
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    if rank == 0:
+        fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(f"{logging_dir}/log.txt")):
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def close_logger(logger):
+    """Detach and close handlers so repeated in-process runs do not leak file handles."""
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def step_generator(global_seed, step, device):
+    """Generator for one training step, seeded by (global_seed, step) only: no state to checkpoint."""
+    seed = int(np.random.SeedSequence([global_seed, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def all_reduce_mean(value, world_size):
+    """Average a tensor over ranks (identity for a single process)."""
+    if world_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / world_size
+    return value
+
+
+def peak_memory_gb(device):
+    """Peak accelerator memory allocated, or peak resident memory of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def unwrap(model):
+    """The bare nn.Module under DDP and torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+#################################################################################
+#                               Model and Data Setup                            #
+#################################################################################
+
+def model_name(args):
+    """Zoo name, or "DiT-custom" when any architecture override is given."""
+    return "DiT-custom" if any(getattr(args, k) is not None for k in CUSTOM_DIT_FLAGS) else args.model
+
+
+def build_model(args, input_size, in_channels, num_classes):
+    """Zoo DiT from --model, or a custom DiT: the zoo model's config with --hidden-size/--depth/... replaced."""
+    kwargs = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=True,
+                  routing=args.routing, alpha=args.alpha, beta=args.beta, routing_seed=args.routing_seed,
+                  grad_checkpointing=args.grad_checkpointing)
+    overrides = {k: getattr(args, k) for k in CUSTOM_DIT_FLAGS if getattr(args, k) is not None}
+    if not overrides:
+        return create_model(args.model, **kwargs)
+    with torch.device("meta"):  # read the zoo config without allocating its weights
+        config = dict(create_model(args.model, **kwargs).config)
+    config.update(overrides)
+    return DiT(**config)
+
+
+def check_data_fits_model(args, dataset):
+    """(input_size, in_channels): the model input implied by the data, or a clear error if they disagree."""
+    if len(dataset) < args.global_batch_size:
+        raise ValueError(f"dataset has {len(dataset)} samples, fewer than --global-batch-size "
+                         f"{args.global_batch_size}: not a single step per epoch")
+    if dataset.num_classes > args.num_classes:
+        raise ValueError(f"dataset has {dataset.num_classes} classes but --num-classes is {args.num_classes}")
+    channels, resolution = dataset.channels, dataset.resolution
+    if args.feature_path is not None:
+        expected = args.image_size // VAE_DOWNSAMPLE
+        if resolution != expected:
+            raise ValueError(f"latents in {args.feature_path} are {channels}x{resolution}x{resolution} but "
+                             f"--image-size {args.image_size} needs {expected}x{expected} latents "
+                             f"(image_size / {VAE_DOWNSAMPLE})")
+        return resolution, channels
+    if args.vae != "none":
+        raise ValueError("encoding images with a VAE on the fly is not supported: precompute latents with "
+                         "extract_features.py and pass --feature-path, or train in pixel space with --vae none")
+    if resolution != args.image_size:
+        raise ValueError(f"dataset yields {resolution}x{resolution} images but --image-size is {args.image_size}")
+    return resolution, channels
+
+
+def build_loader(dataset, sampler, epoch, position, local_batch_size, num_workers, device):
+    """Loader for the rest of an epoch: the sampler's order with the first `position` batches skipped."""
+    sampler.set_epoch(epoch)
+    dataset.set_epoch(epoch)  # flips are a function of (seed, epoch, index); set before the workers fork
+    indices = list(sampler)[position * local_batch_size:]
+    return DataLoader(dataset, batch_size=local_batch_size, sampler=indices, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", drop_last=True)
+
+
+#################################################################################
+#                                  Checkpoints                                  #
+#################################################################################
+
+def capture_rng_state():
+    """All global RNG states of this process as plain tensors / lists (torch.load(weights_only=True) safe)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    """Inverse of capture_rng_state."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(py_state["state"]), py_state["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(world_size):
+    """RNG state of every rank, rank order (each rank restores its own on resume)."""
+    state = capture_rng_state()
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save to a temp file in the same folder, then os.replace: a crash never leaves a broken file."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_resume_compatible(checkpoint, path, model_config, diffusion_config):
+    """Refuse to resume a checkpoint of another model, routing or diffusion setup; name what differs."""
+    for label, saved, current in (("model", checkpoint["model_config"], model_config),
+                                  ("diffusion", checkpoint["diffusion_config"], diffusion_config)):
+        keys = sorted(set(saved) | set(current))
+        diff = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
+                for k in keys if saved.get(k) != current.get(k) and k != "grad_checkpointing"]
+        if diff:
+            raise ValueError(f"cannot resume {path}: its {label} config differs from this run's "
+                             f"({'; '.join(diff)})")
+
+
+def truncate_metrics(metrics_path, step):
+    """Drop metrics logged after `step` (written before a crash, redone after resume); atomic rewrite."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = f"{metrics_path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, metrics_path)
+
+
+#################################################################################
+#                                  Training Loop                                #
+#################################################################################
+
+def main(args):
+    """Train a (DTR-routed) DiT; returns the experiment folder."""
+    validate_args(args)
+    check_data_paths(args)
+    rank, world_size, device = setup_distributed()
+    try:
+        return train(args, rank, world_size, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, rank, world_size, device):
+    """The training loop proper (main sets up and tears down the process group)."""
+    if args.global_batch_size % world_size != 0:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
+                         f"{world_size}")
+    local_batch_size = args.global_batch_size // world_size
+    if device.type == "cuda":
+        # TF32 as official DiT: faster matmuls on Ampere+, negligible effect on results
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # Data (first, so a bad path fails before anything is written):
+    dataset = build_dataset(data_path=args.data_path, feature_path=args.feature_path, image_size=args.image_size,
+                            flip=True, seed=args.global_seed)
+    input_size, in_channels = check_data_fits_model(args, dataset)
+    vae_name = getattr(dataset, "vae", args.vae) if args.feature_path is not None else "none"
+    latent_scale = getattr(dataset, "latent_scale", LATENT_SCALE) if args.feature_path is not None else 1.0
+    steps_per_epoch = len(dataset) // args.global_batch_size
+    max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+
+    # Model, EMA, diffusion, optimizer. Same init on every rank and any world size:
+    torch.manual_seed(args.global_seed)
+    model = build_model(args, input_size, in_channels, args.num_classes).to(device)
+    model_config = {"model": model_name(args), **model.config}
+    ema = copy.deepcopy(model).to(device)  # EMA starts as a copy of the model (official DiT)
+    requires_grad(ema, False)
+    diffusion_config = dict(timestep_respacing="", noise_schedule=args.noise_schedule, learn_sigma=True,
+                            diffusion_steps=1000, loss_weighting=args.loss_weighting,
+                            min_snr_gamma=args.snr_gamma, p2_k=args.p2_k, p2_gamma=args.p2_gamma,
+                            ant_num_clusters=args.ant_num_clusters, ant_lr=args.ant_lr)
+    diffusion = create_diffusion(**diffusion_config)
+    weighting = diffusion.loss_weighting.to(device)
+    timestep_sampler = diffusion.timestep_sampler  # uniform; stratified over timestep clusters for ANT-UW
+    opt = torch.optim.AdamW([{"params": list(model.parameters())}, *weighting.param_groups()],
+                            lr=args.lr, weight_decay=0)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+
+    # Experiment folder and resume state:
+    train_steps, epoch, position = 0, 0, 0
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
+        check_resume_compatible(checkpoint, args.resume, model_config, diffusion_config)
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        opt.load_state_dict(checkpoint["opt"])
+        weighting.load_state_dict(checkpoint["loss_weighting"])
+        if "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+        train_steps = checkpoint["step"]
+        epoch, position = checkpoint["data_state"]["epoch"], checkpoint["data_state"]["position"]
+        experiment_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+    else:
+        checkpoint = None
+        experiment_dir = None
+        if rank == 0:
+            os.makedirs(args.results_dir, exist_ok=True)
+            experiment_index = len(glob(f"{args.results_dir}/*"))
+            experiment_dir = f"{args.results_dir}/{experiment_index:03d}-{model_name(args).replace('/', '-')}"
+        if world_size > 1:
+            shared = [experiment_dir]
+            dist.broadcast_object_list(shared, src=0)
+            experiment_dir = shared[0]
+    checkpoint_dir = f"{experiment_dir}/checkpoints"
+    metrics_path = f"{experiment_dir}/metrics.jsonl"
+    if rank == 0:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        if checkpoint is not None:
+            truncate_metrics(metrics_path, train_steps)
+    if world_size > 1:
+        dist.barrier()
+    logger = create_logger(experiment_dir, rank)
+
+    try:
+        if checkpoint is not None:
+            logger.info(f"Resumed from {args.resume} at step {train_steps} (epoch {epoch}, batch {position})")
+        logger.info(f"Experiment directory created at {experiment_dir}")
+        logger.info(f"{model_config['model']} parameters: {sum(p.numel() for p in model.parameters()):,}; "
+                    f"routing {model.routing_config()}")
+        logger.info(f"Dataset contains {len(dataset):,} samples ({args.data_path or args.feature_path}); "
+                    f"model input {in_channels}x{input_size}x{input_size}")
+
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+        if args.compile:
+            ddp_model = torch.compile(ddp_model)
+        # Per-rank seed for anything left on the global RNG (e.g. loader worker seeds), as official DiT
+        torch.manual_seed(args.global_seed * world_size + rank)
+        if checkpoint is not None:
+            rng = checkpoint["rng"]
+            if len(rng) == world_size:
+                restore_rng_state(rng[rank])
+        del checkpoint
+
+        # The sampler splits each global batch over ranks (rank r takes every world_size-th sample), so a
+        # global batch is the same set of samples whatever the world size; drop_last keeps steps equal.
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=args.global_seed, drop_last=True)
+        model.train()  # important! This enables embedding dropout for classifier-free guidance
+        ema.eval()
+        dropout_prob = model.config["class_dropout_prob"]
+
+        def save(step):
+            """Write a checkpoint of the current state (all ranks call it: RNG states are gathered)."""
+            rng_states = gather_rng_states(world_size)
+            if rank == 0:
+                ckpt = {
+                    "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "args": vars(args), "model_config": model_config, "diffusion_config": diffusion_config,
+                    "vae": vae_name, "image_size": args.image_size, "latent_scale": latent_scale,
+                    "loss_weighting": weighting.state_dict(), "rng": rng_states,
+                    "data_state": {"epoch": epoch, "position": position, "sampler_seed": args.global_seed,
+                                   "global_batch_size": args.global_batch_size},
+                }
+                if scaler.is_enabled():
+                    ckpt["scaler"] = scaler.state_dict()
+                path = f"{checkpoint_dir}/{step:07d}.pt"
+                save_checkpoint(ckpt, path)
+                logger.info(f"Saved checkpoint to {path}")
+            if world_size > 1:
+                dist.barrier()
+
+        def check_finite(first_bad_step):
+            """Stop every rank with the step number if any rank saw a non-finite loss (no checkpoint of it)."""
+            no_bad = torch.full_like(first_bad_step, 2**62)
+            worst = torch.where(first_bad_step < 0, no_bad, first_bad_step)
+            if world_size > 1:
+                dist.all_reduce(worst, op=dist.ReduceOp.MIN)
+            if worst.item() != no_bad.item():
+                saved = sorted(glob(f"{checkpoint_dir}/*.pt"))
+                raise FloatingPointError(f"non-finite loss at step {worst.item()}; stopping. Last good checkpoint: "
+                                         f"{saved[-1] if saved else 'none'}")
+
+        logger.info(f"Training for {max_steps} steps ({steps_per_epoch} steps per epoch), global batch "
+                    f"{args.global_batch_size} = {world_size} ranks x {local_batch_size}")
+        running_loss = torch.zeros((), device=device)
+        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of first NaN/inf
+        log_steps, start_time = 0, time.time()
+        while train_steps < max_steps:
+            loader = build_loader(dataset, sampler, epoch, position, local_batch_size, args.num_workers, device)
+            for x, y in loader:
+                x = x.to(device, non_blocking=True)  # (B, C, H, W): images in [-1, 1] or scaled latents
+                y = y.to(device, non_blocking=True)  # (B,)
+                # Draw t, noise and label drops for the whole global batch; keep this rank's samples
+                # (rank r holds global samples r, r + world_size, ... as the sampler deals them).
+                g = step_generator(args.global_seed, train_steps, device)
+                G = args.global_batch_size
+                t = timestep_sampler.sample_timesteps(G, device, generator=g)[rank::world_size]
+                noise = torch.randn((G, *x.shape[1:]), generator=g, device=device)[rank::world_size]
+                drop = torch.rand(G, generator=g, device=device)[rank::world_size] < dropout_prob
+                model_kwargs = dict(y=y, force_drop_ids=drop.long() if dropout_prob > 0 else None)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss_dict = diffusion.training_losses(ddp_model, x, t, model_kwargs, noise=noise)
+                loss = loss_dict["loss"].float().mean()
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                weighting.all_reduce_gradients()
+                scaler.step(opt)
+                scaler.update()
+                update_ema(ema, model, args.ema_decay)
+
+                train_steps += 1
+                position += 1
+                log_steps += 1
+                loss = loss.detach()
+                running_loss += loss
+                first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss),
+                                             torch.full_like(first_bad_step, train_steps), first_bad_step)
+                at_log = train_steps % args.log_every == 0
+                at_ckpt = train_steps % args.ckpt_every == 0 or train_steps == max_steps
+                if at_log or at_ckpt:  # checked here only, to avoid a device sync every step
+                    check_finite(first_bad_step)
+                if at_log:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    steps_per_sec = log_steps / (time.time() - start_time)
+                    avg_loss = all_reduce_mean(running_loss / log_steps, world_size).item()
+                    mem = peak_memory_gb(device)
+                    logger.info(f"(step={train_steps:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: "
+                                f"{steps_per_sec:.2f}, Images/Sec: {steps_per_sec * G:.1f}, Peak Mem: {mem:.2f} GB")
+                    if rank == 0:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps({"step": train_steps, "loss": avg_loss, "steps_per_sec": steps_per_sec,
+                                                "images_per_sec": steps_per_sec * G, "peak_mem_gb": mem}) + "\n")
+                    running_loss.zero_()
+                    log_steps, start_time = 0, time.time()
+                if position == steps_per_epoch:
+                    epoch, position = epoch + 1, 0
+                if at_ckpt:
+                    save(train_steps)
+                if train_steps >= max_steps:
+                    break
+        model.eval()
+        logger.info("Done!")
+        return experiment_dir
+    finally:
+        close_logger(logger)
+
+
+#################################################################################
+#                                    Arguments                                  #
+#################################################################################
+
+def build_parser():
+    """Command-line flags; names follow official DiT train.py, defaults are the paper's (App. C)."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--config", type=str, default=None,
+                        help="YAML file whose keys (flag names, - or _) set defaults; the command line wins")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-path", type=str, default=None, help="image folders, flat folder or Fashion-MNIST IDX")
+    data.add_argument("--feature-path", type=str, default=None, help="latents written by extract_features.py")
+    data.add_argument("--image-size", type=int, default=256)
+    data.add_argument("--num-classes", type=int, default=1000, help="1 = unconditional (FFHQ)")
+    data.add_argument("--vae", type=str, default="ema",
+                      help="VAE of the latents (ema, mse or a path; recorded in checkpoints); none = pixel space")
+    data.add_argument("--num-workers", type=int, default=4)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-XL/2")
+    model.add_argument("--routing", type=str, choices=ROUTING_KINDS, default="none",
+                       help="none = vanilla, random = R-TR, dtr = DTR (Sec. 4)")
+    model.add_argument("--alpha", type=float, default=4.0, help="DTR window shift exponent (Eq. 4)")
+    model.add_argument("--beta", type=float, default=0.8, help="share of active channels per task")
+    model.add_argument("--routing-seed", type=int, default=0, help="seed of the R-TR masks")
+    model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    custom = parser.add_argument_group("custom DiT", "any of these builds a 'DiT-custom': the --model "
+                                       "architecture with these fields replaced (tiny CPU runs)")
+    for flag in CUSTOM_DIT_FLAGS:
+        custom.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
+    diff = parser.add_argument_group("diffusion")
+    diff.add_argument("--noise-schedule", type=str, choices=NOISE_SCHEDULES, default="squaredcos_cap_v2",
+                      help="squaredcos_cap_v2 = cosine (paper); linear = official DiT")
+    diff.add_argument("--loss-weighting", type=str, choices=WEIGHTINGS, default="vanilla")
+    diff.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR gamma")
+    diff.add_argument("--p2-k", type=float, default=1.0)
+    diff.add_argument("--p2-gamma", type=float, default=1.0)
+    diff.add_argument("--ant-num-clusters", type=int, default=8, help="ANT-UW timestep clusters")
+    diff.add_argument("--ant-lr", type=float, default=0.025, help="ANT-UW lr of the log-variances s_k")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--results-dir", type=str, default="results")
+    optim.add_argument("--epochs", type=int, default=1400)
+    optim.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    optim.add_argument("--global-batch-size", type=int, default=256)
+    optim.add_argument("--global-seed", type=int, default=0)
+    optim.add_argument("--lr", type=float, default=1e-4)
+    optim.add_argument("--ema-decay", type=float, default=0.9999)
+    optim.add_argument("--mixed-precision", type=str, choices=["no", "bf16", "fp16"], default="no")
+    optim.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    optim.add_argument("--log-every", type=int, default=100)
+    optim.add_argument("--ckpt-every", type=int, default=50_000)
+    optim.add_argument("--resume", type=str, default=None, help="checkpoint to continue (same experiment folder)")
+    return parser
+
+
+def config_to_argv(parser, path):
+    """YAML {key: value} -> flag tokens, so argparse type-checks them; unknown keys are an error naming them."""
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"config {path} must be a mapping of flag names to values")
+    flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    unknown = sorted(k for k in config if str(k).replace("-", "_") not in flags)
+    if unknown:
+        raise ValueError(f"unknown keys in config {path}: {', '.join(map(str, unknown))} "
+                         f"(valid: {', '.join(sorted(flags))})")
+    argv = []
+    for key, value in config.items():
+        action = flags[str(key).replace("-", "_")]
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_args(argv=None):
+    """Parse flags, with --config FILE.yaml supplying defaults that the command line overrides."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, _ = parser.parse_known_args(argv)
+    if known.config is not None:
+        argv = config_to_argv(parser, known.config) + argv  # later flags win in argparse
+    return parser.parse_args(argv)
+
+
+def check_data_paths(args):
+    """Clear errors for a missing or empty data folder, before anything is built or written."""
+    if (args.data_path is None) == (args.feature_path is None):
+        raise ValueError("give exactly one of --data-path (images) or --feature-path (precomputed latents)")
+    for flag in ("data_path", "feature_path"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isdir(path):
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} does not exist or is not a directory: {path}")
+        if path is not None and not os.listdir(path):
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} is empty: {path}")
+
+
+def validate_args(args):
+    """Clear errors for flag values that would fail later (or silently do the wrong thing); no file access."""
+    if args.model not in DiT_models:
+        raise ValueError(f"unknown model {args.model!r}; expected one of {', '.join(DiT_models)}")
+    if args.routing not in ROUTING_KINDS:
+        raise ValueError(f"unknown routing {args.routing!r}; expected one of {', '.join(ROUTING_KINDS)}")
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise ValueError(f"--alpha must be a finite number > 0, got {args.alpha}")
+    if not 0 < args.beta <= 1:
+        raise ValueError(f"--beta must lie in (0, 1], got {args.beta}")
+    if args.feature_path is not None and args.vae == "none":
+        raise ValueError("--vae none trains in pixel space; it cannot be combined with --feature-path latents")
+    for flag in ("global_batch_size", "log_every", "ckpt_every", "epochs", "image_size", "num_classes"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if not 0 <= args.ema_decay <= 1:
+        raise ValueError(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    for flag in CUSTOM_DIT_FLAGS:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
