@@ -1,0 +1,175 @@
+"""Pins the routing mask tables of models/routing.py against the paper and the released code."""
+import math
+
+import pytest
+import torch
+
+from models.routing import ROUTING_KINDS, TaskRouter, active_channels, build_masks
+
+T, C = 1000, 64
+
+
+def window_bounds(row):
+    """(start, end) of the ones in a 0/1 row, asserting they are contiguous."""
+    idx = row.nonzero().flatten()
+    start, end = int(idx[0]), int(idx[-1]) + 1
+    assert len(idx) == end - start, "active channels are not contiguous"
+    return start, end
+
+
+@pytest.mark.parametrize("kind", ["dtr", "random", "cdtr"])
+@pytest.mark.parametrize("beta", [0.5, 0.8, 0.93])
+def test_rows_activate_floor_beta_c_channels(kind, beta):
+    masks = build_masks(kind, T, C, alpha=4.0, beta=beta)
+    assert masks.shape == (T, C)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert (masks.sum(1) == math.floor(beta * C)).all()
+
+
+def test_dtr_window_is_contiguous_and_slides_monotonically():
+    masks = build_masks("dtr", T, C, alpha=4.0, beta=0.8)
+    c_beta = active_channels(C, 0.8)
+    starts = []
+    for row in masks:
+        start, end = window_bounds(row)
+        assert end - start == c_beta
+        starts.append(start)
+    assert starts[0] == 0 and starts[-1] == C - c_beta  # first and last windows
+    assert all(b >= a for a, b in zip(starts, starts[1:]))
+
+
+def test_dtr_start_matches_released_code_formula():
+    # Independent evaluation of start[t] = round((C - C_beta) * (t / (T - 1)) ** alpha) with Python's
+    # round, which rounds half to even like numpy's.
+    for alpha in (0.5, 1.0, 2.0, 4.0):
+        masks = build_masks("dtr", T, C, alpha=alpha, beta=0.8)
+        c_beta = active_channels(C, 0.8)
+        for t in range(0, T, 37):
+            expected = round((C - c_beta) * (t / (T - 1)) ** alpha)
+            assert window_bounds(masks[t])[0] == expected, (alpha, t)
+
+
+def test_alpha_moves_task_dedicated_channels_to_high_timesteps():
+    def start_at(alpha, t):
+        return window_bounds(build_masks("dtr", T, C, alpha=alpha, beta=0.8)[t])[0]
+    # alpha > 1: the window barely moves over low t, so high t get the dedicated channels.
+    assert start_at(4.0, T // 2) < start_at(1.0, T // 2) < start_at(0.25, T // 2)
+    # alpha = 1 spreads the shift evenly: the midpoint sits in the middle of the free range.
+    c_beta = active_channels(C, 0.8)
+    assert abs(start_at(1.0, T // 2) - (C - c_beta) / 2) <= 1
+
+
+def test_beta_one_gives_all_ones_like_no_routing():
+    for kind in ("dtr", "random", "cdtr", "dtr-paper"):
+        assert torch.equal(build_masks(kind, T, C, beta=1.0), torch.ones(T, C)), kind
+    assert torch.equal(build_masks("none", T, C), torch.ones(T, C))
+
+
+def test_dtr_paper_form_follows_eq4_bounds():
+    alpha, beta = 4.0, 0.8
+    masks = build_masks("dtr-paper", T, C, alpha=alpha, beta=beta)
+    c_beta = active_channels(C, beta)
+    for t1 in (1, 2, 500, 873, T):  # 1-based t of Eq. 4
+        lo = round((C - c_beta) * ((t1 - 1) / T) ** alpha)
+        hi = round((C - c_beta) * (t1 / T) ** alpha)
+        expected = torch.tensor([1.0 if lo < c <= hi + c_beta else 0.0 for c in range(1, C + 1)])
+        assert torch.equal(masks[t1 - 1], expected), t1
+    # The literal equation never reaches the last channel at t = T ((T-1)/T < 1 on the lower bound).
+    assert masks.sum(1).min() == c_beta and masks[-1, -1] == 1
+
+
+def test_random_routing_is_seeded_and_reproducible():
+    a = build_masks("random", T, C, beta=0.8, seed=3)
+    b = build_masks("random", T, C, beta=0.8, seed=3)
+    c = build_masks("random", T, C, beta=0.8, seed=4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert len({tuple(r.tolist()) for r in a}) > T * 0.99  # rows are drawn independently
+
+
+def test_random_routing_shares_c_beta_squared_over_c_channels_on_average():
+    # Appendix B: for distinct tasks the expected overlap is the hypergeometric mean C_beta^2 / C.
+    masks = build_masks("random", T, C, beta=0.5, seed=0)
+    overlap = masks @ masks.T
+    off_diag = overlap[~torch.eye(T, dtype=torch.bool)]
+    c_beta = active_channels(C, 0.5)
+    assert abs(off_diag.mean().item() - c_beta ** 2 / C) < 0.1
+    # ...and it does not depend on how far apart the tasks are (no task affinity).
+    near = torch.diagonal(overlap, 1).mean().item()
+    far = torch.diagonal(overlap, T // 2).mean().item()
+    assert abs(near - far) < 1.0
+
+
+def test_cdtr_gives_one_dtr_window_per_uniform_cluster():
+    masks = build_masks("cdtr", T, C, alpha=4.0, beta=0.8)
+    cluster_masks = build_masks("dtr", 8, C, alpha=4.0, beta=0.8)
+    for k in range(8):
+        rows = masks[k * T // 8:(k + 1) * T // 8]
+        assert (rows == cluster_masks[k]).all(), k
+    # With alpha = 1 the 8 cluster windows are all distinct (alpha = 4 merges the low clusters).
+    even = build_masks("cdtr", T, C, alpha=1.0, beta=0.8)
+    assert len({tuple(r.tolist()) for r in even}) == 8
+
+
+def test_ercdt_shares_half_and_splits_the_rest_into_disjoint_cluster_segments():
+    masks = build_masks("ercdt", T, C)
+    assert (masks[:, : C // 2] == 1).all()
+    segments = [masks[k * T // 8, C // 2:] for k in range(8)]
+    for k in range(8):
+        assert (masks[k * T // 8:(k + 1) * T // 8] == masks[k * T // 8]).all()
+    stacked = torch.stack(segments)
+    assert (stacked.sum(0) == 1).all()  # disjoint and covering the task-specific half
+    for seg in segments:
+        window_bounds(seg)  # contiguous
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kind="dtr-v2"), "unknown routing kind"),
+    (dict(alpha=0.0), "alpha"),
+    (dict(alpha=-1.0), "alpha"),
+    (dict(alpha=float("nan")), "alpha"),
+    (dict(beta=0.0), "beta"),
+    (dict(beta=1.2), "beta"),
+    (dict(beta=0.01), "floor"),
+    (dict(num_tasks=0), "num_tasks"),
+    (dict(channels=0), "channels"),
+])
+def test_bad_arguments_are_rejected_with_a_clear_error(kwargs, message):
+    args = dict(kind="dtr", num_tasks=T, channels=C, alpha=4.0, beta=0.8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        build_masks(**args)
+
+
+def test_all_kinds_build():
+    for kind in ROUTING_KINDS:
+        assert build_masks(kind, 16, 16).shape == (16, 16)
+
+
+def test_router_gathers_one_row_per_timestep():
+    router = TaskRouter("dtr", T, C)
+    t = torch.tensor([0, 999, 250, 250])
+    m = router(t)
+    assert m.shape == (4, 1, C) and m.dtype == torch.float32
+    table = build_masks("dtr", T, C)
+    assert torch.equal(m[:, 0], table[t])
+    assert torch.equal(router(t.float()), m)  # integral floats are accepted
+
+
+@pytest.mark.parametrize("t, message", [
+    (torch.tensor([1000]), "outside"),
+    (torch.tensor([-1]), "outside"),
+    (torch.tensor([3.5]), "integer"),
+    (torch.tensor([[1, 2]]), "shape"),
+])
+def test_router_rejects_bad_timesteps_instead_of_clamping(t, message):
+    with pytest.raises(ValueError, match=message):
+        TaskRouter("dtr", T, C)(t)
+
+
+def test_router_table_is_not_in_state_dict_but_authors_key_is_checked():
+    router = TaskRouter("dtr", T, C, alpha=4.0, beta=0.8)
+    assert router.state_dict() == {}
+    router.load_state_dict({"_unit_mapping": build_masks("dtr", T, C)})  # the authors' layout loads
+    with pytest.raises(ValueError, match="differ"):
+        router.load_state_dict({"_unit_mapping": build_masks("dtr", T, C, alpha=2.0)})
