@@ -1,0 +1,196 @@
+"""Turn any supported checkpoint into (model, settings) for sampling.
+
+Three formats are read (see the checkpoint format in README / the project contract):
+  * ours (train.py): {"model", "ema", "model_config", "diffusion_config", "vae", "image_size", ...};
+    every model, routing and diffusion setting comes from the file;
+  * official DiT training dicts: {"model", "ema", "opt", "args": argparse.Namespace};
+  * raw state_dicts (the released DiT-XL-2-256x256.pt): nothing but weights, so the flags
+    (--model, --image-size, --num-classes, routing flags) say what to build, defaulting to
+    official DiT (DiT-XL/2, 256px, 1000 classes, SD VAE latents, linear schedule, learn_sigma).
+A flag that disagrees with a setting stored in the checkpoint is an error naming both values.
+"""
+import argparse
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from models import DiT, create_model
+
+
+# Official DiT's defaults, used only for files that do not say how they were trained.
+OFFICIAL_DEFAULTS = {
+    "model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "routing": "none",
+    "alpha": 4.0, "beta": 0.8, "routing_seed": 0, "noise_schedule": "linear",
+    "vae": "stabilityai/sd-vae-ft-ema",
+}
+LATENT_SCALE = 0.18215        # SD VAE latent scaling (official DiT: decode(z / 0.18215))
+LATENT_DOWNSAMPLE = 8         # SD VAE: 256x256x3 -> 32x32x4
+SETTING_FLAGS = ("model", "image_size", "num_classes", "routing", "alpha", "beta", "routing_seed",
+                 "noise_schedule")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Everything besides the weights that sampling needs to know about a checkpoint."""
+    model_name: str                 # zoo name ("DiT-S/2") or "custom" for a model outside the zoo
+    image_size: int                 # pixels of the decoded image
+    vae: str                        # "none" for pixel-space models, else a diffusers name or local path
+    latent_scale: float             # latents were multiplied by this before training
+    diffusion_config: dict = field(default_factory=dict)  # create_diffusion kwargs used in training
+    weights: str = "ema"            # which weights were loaded: "ema", "model" or "state_dict"
+    step: int = -1                  # training step of the checkpoint, -1 if unknown
+
+
+def vae_name(vae):
+    """Expand official DiT's --vae {ema,mse} shorthand to the diffusers repository name."""
+    return f"stabilityai/sd-vae-ft-{vae}" if vae in ("ema", "mse") else vae
+
+
+def _read(path):
+    """torch.load with weights_only=True; argparse.Namespace is allowed for official DiT dicts."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_state_dict(obj):
+    """A raw state_dict maps parameter names to tensors and nothing else."""
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def _resolve(name, stored, flag, source):
+    """Value stored in the checkpoint, unless a flag disagrees (error) or the file has none."""
+    if stored is None:
+        return flag
+    if flag is not None and flag != stored:
+        raise ValueError(f"--{name.replace('_', '-')} {flag} conflicts with the checkpoint's "
+                         f"{name} {stored!r} ({source}); drop the flag or pick another checkpoint")
+    return stored
+
+
+def check_state_dict_fits(model, state_dict, model_name):
+    """Raise a ValueError naming missing/unexpected keys and shape mismatches before loading."""
+    expected = model.state_dict()
+    # The DTR authors' checkpoints carry their masks; the model itself checks those on load.
+    given = {k: v for k, v in state_dict.items() if "routing._unit_mapping" not in k}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in given and given[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint does not fit {model_name}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:5])}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:5])}")
+        if shapes:
+            lines.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:5]))
+        lines.append("  (wrong --model / --image-size / --num-classes, or a checkpoint of another model?)")
+        raise ValueError("\n".join(lines))
+
+
+def _pick_weights(ckpt, use_model_weights, path):
+    """EMA weights by default (official DiT samples EMA); raw training weights on request."""
+    key = "model" if use_model_weights else "ema"
+    if key not in ckpt:
+        raise ValueError(f"{path} has no {key!r} weights (keys: {sorted(ckpt)})")
+    return ckpt[key], key
+
+
+def _load_ours(ckpt, flags, use_model_weights, path):
+    """Our train.py format: settings come from the file, flags may only agree with it."""
+    config = dict(ckpt["model_config"])
+    name = config.pop("model", "custom")
+    diffusion_config = dict(ckpt.get("diffusion_config") or {})
+    stored = {"model": name, "image_size": ckpt.get("image_size"), "num_classes": config.get("num_classes"),
+              "routing": config.get("routing"), "alpha": config.get("alpha"), "beta": config.get("beta"),
+              "routing_seed": config.get("routing_seed"),
+              "noise_schedule": diffusion_config.get("noise_schedule", "linear")}
+    for key in SETTING_FLAGS:
+        _resolve(key, stored[key], flags.get(key), path)
+    config["grad_checkpointing"] = False
+    model = DiT(**config)
+    state_dict, which = _pick_weights(ckpt, use_model_weights, path)
+    vae = ckpt.get("vae", "none")
+    if flags.get("vae") is not None:
+        if (vae == "none") != (flags["vae"] == "none"):
+            raise ValueError(f"--vae {flags['vae']} conflicts with the checkpoint's vae {vae!r} ({path}): "
+                             f"a {'pixel' if vae == 'none' else 'latent'}-space model")
+        vae = flags["vae"]  # another copy of the same VAE (e.g. a local path on an offline cluster)
+    image_size = ckpt.get("image_size") or config["input_size"] * (1 if vae == "none" else LATENT_DOWNSAMPLE)
+    settings = SamplingSettings(model_name=name, image_size=image_size, vae=vae_name(vae),
+                                latent_scale=ckpt.get("latent_scale", LATENT_SCALE),
+                                diffusion_config=diffusion_config, weights=which,
+                                step=int(ckpt.get("step", -1)))
+    return model, state_dict, settings
+
+
+def _load_official(state_dict, args, flags, weights, path):
+    """Official DiT files: a Namespace of train.py args (or nothing) plus flags, defaults as official."""
+    stored = {k: getattr(args, k, None) for k in ("model", "image_size", "num_classes")} if args else {}
+    value = {k: _resolve(k, stored.get(k), flags.get(k), path) for k in SETTING_FLAGS}
+    value = {k: OFFICIAL_DEFAULTS[k] if v is None else v for k, v in value.items()}
+    vae = flags.get("vae") or (getattr(args, "vae", None) if args else None) or OFFICIAL_DEFAULTS["vae"]
+    if vae == "none":
+        raise ValueError(f"{path} is an official DiT checkpoint (latent space); --vae none is not possible")
+    if value["image_size"] % LATENT_DOWNSAMPLE != 0:
+        raise ValueError(f"--image-size {value['image_size']} must be divisible by {LATENT_DOWNSAMPLE}")
+    model = create_model(value["model"], input_size=value["image_size"] // LATENT_DOWNSAMPLE,
+                         num_classes=value["num_classes"], routing=value["routing"], alpha=value["alpha"],
+                         beta=value["beta"], routing_seed=value["routing_seed"])
+    diffusion_config = {"noise_schedule": value["noise_schedule"], "learn_sigma": model.learn_sigma}
+    settings = SamplingSettings(model_name=value["model"], image_size=value["image_size"], vae=vae_name(vae),
+                                latent_scale=LATENT_SCALE, diffusion_config=diffusion_config, weights=weights)
+    return model, state_dict, settings
+
+
+def load_checkpoint(path, flags=None, use_model_weights=False):
+    """Build the model a checkpoint describes, load its (EMA) weights, return (model.eval(), settings).
+
+    flags: {name: value or None} for SETTING_FLAGS and "vae"; None means "not given on the command line".
+    """
+    flags = dict(flags or {})
+    ckpt = _read(path)
+    if isinstance(ckpt, dict) and "model_config" in ckpt:
+        model, state_dict, settings = _load_ours(ckpt, flags, use_model_weights, path)
+    elif isinstance(ckpt, dict) and ("ema" in ckpt or "model" in ckpt) and not _is_state_dict(ckpt):
+        args = ckpt.get("args")
+        args = argparse.Namespace(**args) if isinstance(args, dict) else args
+        state_dict, which = _pick_weights(ckpt, use_model_weights, path)
+        model, state_dict, settings = _load_official(state_dict, args, flags, which, path)
+    elif _is_state_dict(ckpt):
+        model, state_dict, settings = _load_official(ckpt, None, flags, "state_dict", path)
+    else:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a DiT checkpoint (top level: {keys})")
+    check_state_dict_fits(model, state_dict, settings.model_name)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval(), settings
+
+
+def add_checkpoint_arguments(parser):
+    """Flags shared by sample.py and sample_ddp.py that say which checkpoint and how to build it."""
+    parser.add_argument("--ckpt", type=str, required=True,
+                        help="our train.py checkpoint, an official DiT checkpoint, or a raw state_dict")
+    parser.add_argument("--use-model-weights", action="store_true",
+                        help="sample the raw training weights instead of the EMA weights")
+    # Defaults None: a flag given must agree with the checkpoint; raw state_dicts fall back to official DiT.
+    parser.add_argument("--model", type=str, default=None, help="zoo name, e.g. DiT-XL/2 (raw state_dicts)")
+    parser.add_argument("--image-size", type=int, default=None, help="pixels; official default 256")
+    parser.add_argument("--num-classes", type=int, default=None, help="official default 1000")
+    parser.add_argument("--routing", type=str, default=None, help="none, dtr, rtr, ... (raw state_dicts)")
+    parser.add_argument("--alpha", type=float, default=None)
+    parser.add_argument("--beta", type=float, default=None)
+    parser.add_argument("--routing-seed", type=int, default=None)
+    parser.add_argument("--noise-schedule", type=str, default=None, help="linear (official) or squaredcos_cap_v2")
+    parser.add_argument("--vae", type=str, default=None,
+                        help="ema, mse, a diffusers name or a local path; 'none' for pixel-space models")
+    return parser
+
+
+def checkpoint_flags(args):
+    """The {name: value} dict load_checkpoint takes, from parsed arguments."""
+    return {k: getattr(args, k) for k in SETTING_FLAGS + ("vae",)}

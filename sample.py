@@ -1,0 +1,101 @@
+"""Draw a grid of samples from a trained DiT / DTR checkpoint into one PNG (SPEC 6).
+
+    python sample.py --ckpt results/000-DiT-L-2/checkpoints/0400000.pt --class-labels 207 360 --samples-per-class 4
+    python sample.py --ckpt DiT-XL-2-256x256.pt                     # official weights, official defaults
+
+Model, routing and diffusion settings come from the checkpoint; raw state_dicts are built from the
+flags with official DiT's defaults. Image i of the grid depends only on --seed and i (see
+seeded_sampling), so it matches sample i of sample_ddp.py for the same labels and settings.
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from diffusion import create_diffusion
+from load_checkpoint import add_checkpoint_arguments, checkpoint_flags, load_checkpoint
+from seeded_sampling import generate, load_vae, parse_guide_channels, resolve_cfg_scale, to_uint8
+
+
+OFFICIAL_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # official DiT's sample.py grid
+MAX_DEFAULT_ROWS = 16  # few-class models: one row per class, at most this many rows
+
+
+def grid_labels(class_labels, samples_per_class, num_classes):
+    """(labels (N,), images per grid row) for the requested classes, validated against num_classes."""
+    if num_classes == 1:  # unconditional: every label is 0
+        if class_labels and any(y != 0 for y in class_labels):
+            raise ValueError(f"--class-labels {class_labels} given, but the model is unconditional (num_classes = 1)")
+        n = samples_per_class or 16
+        return torch.zeros(n, dtype=torch.long), math.ceil(math.sqrt(n))
+    if class_labels is None:
+        if num_classes > max(OFFICIAL_CLASS_LABELS):
+            class_labels, default_per_class = OFFICIAL_CLASS_LABELS, 1
+        else:
+            class_labels, default_per_class = list(range(min(num_classes, MAX_DEFAULT_ROWS))), 8
+    else:
+        default_per_class = 1
+    bad = [y for y in class_labels if not 0 <= y < num_classes]
+    if bad:
+        raise ValueError(f"--class-labels {bad} outside [0, {num_classes}) for this {num_classes}-class model")
+    per_class = samples_per_class or default_per_class
+    if per_class < 1:
+        raise ValueError(f"--samples-per-class must be >= 1, got {per_class}")
+    labels = torch.tensor(class_labels, dtype=torch.long).repeat_interleave(per_class)  # (classes * per_class,)
+    # one class per row when several per class, else official DiT's 4 columns
+    return labels, per_class if per_class > 1 else 4
+
+
+def main(args):
+    """Sample the grid and save it as a PNG."""
+    torch.set_grad_enabled(False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.num_sampling_steps < 1:
+        raise ValueError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
+
+    model, settings = load_checkpoint(args.ckpt, checkpoint_flags(args), args.use_model_weights)
+    model = model.to(device)
+    cfg_scale = resolve_cfg_scale(args.cfg_scale, model.num_classes, default=4.0)
+    respacing = f"ddim{args.num_sampling_steps}" if args.sampler == "ddim" else str(args.num_sampling_steps)
+    diffusion = create_diffusion(**{**settings.diffusion_config, "timestep_respacing": respacing})
+    vae = None if settings.vae == "none" else load_vae(settings.vae, device)
+
+    labels, nrow = grid_labels(args.class_labels, args.samples_per_class, model.num_classes)
+    samples = generate(model, diffusion, args.sampler, list(range(len(labels))), labels, args.seed, cfg_scale,
+                       args.guide_channels, args.mixed_precision, progress=True)
+    images = torch.from_numpy(to_uint8(samples, vae, settings.latent_scale)).permute(0, 3, 1, 2)  # (N, C, H, W)
+    grid = make_grid(images, nrow=nrow, padding=2).permute(1, 2, 0).numpy()  # (H', W', 3) uint8
+    # make_grid repeats one channel to three; 1-channel models (Fashion-MNIST) are saved as grayscale
+    picture = Image.fromarray(np.ascontiguousarray(grid[..., 0] if images.shape[1] == 1 else grid))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = f"{args.out}.tmp{os.getpid()}"
+    picture.save(tmp, format="PNG")
+    os.replace(tmp, args.out)
+    print(args.out)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="default 4.0 for conditional models (official grid), 1 for unconditional")
+    parser.add_argument("--guide-channels", type=parse_guide_channels, default="all",
+                        help="'all' latent channels, or 3 for official DiT's legacy 3-channel guidance")
+    parser.add_argument("--class-labels", type=int, nargs="+", default=None,
+                        help="default: official DiT's 8 classes, or one row per class for few-class models")
+    parser.add_argument("--samples-per-class", type=int, default=None,
+                        help="images per class (one class per grid row); unconditional: number of images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed-precision", type=str, choices=["no", "bf16"], default="no")
+    parser.add_argument("--out", type=str, default="sample.png")
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

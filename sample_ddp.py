@@ -1,0 +1,272 @@
+"""Sample N images (50K for FID) over torchrun processes into one .npz for the ADM evaluator (SPEC 6).
+
+    torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py --ckpt results/000-DiT-L-2/checkpoints/0400000.pt
+
+Differences from official DiT's sample_ddp.py, on purpose:
+  * sample i's label and noise (start and every step) come from generators seeded by (--global-seed, i),
+    so the output does not depend on the number of processes: bitwise identical across world sizes with
+    the same --per-proc-batch-size, identical up to float rounding across batch sizes;
+  * exactly --num-fid-samples images are written (no overshoot to trim);
+  * work is saved in shards of --shard-size consecutive sample indices, each written atomically by the
+    process that owns it (shard k belongs to rank k mod world size); re-running the same command after
+    a pre-emption skips the finished shards and produces the byte-identical .npz;
+  * <shard dir>/config.json records what the shards were sampled with; a directory holding shards of
+    another configuration is an error, and no finished shard is ever deleted.
+Output: <sample-dir>/<run-name>.npz with arr_0 = uint8 (N, H, W, 3) and arr_1 = int64 labels; its path
+is the last line printed.
+"""
+import argparse
+import json
+import math
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from diffusion import create_diffusion
+from load_checkpoint import add_checkpoint_arguments, checkpoint_flags, load_checkpoint
+from seeded_sampling import (class_labels, generate, load_vae, parse_guide_channels, resolve_cfg_scale,
+                             to_uint8)
+
+
+#################################################################################
+#                         Run name, configuration, shards                       #
+#################################################################################
+
+def short_name(path_or_name):
+    """The last path component without extension: 'results/.../0400000.pt' -> '0400000'."""
+    return os.path.splitext(os.path.basename(os.path.normpath(path_or_name)))[0]
+
+
+def run_name(args, settings, cfg_scale):
+    """As official DiT (model-ckpt-size-vae-cfg-seed) plus sampler/steps and every non-default setting."""
+    name = (f"{settings.model_name.replace('/', '-')}-{short_name(args.ckpt)}-size-{settings.image_size}"
+            f"-vae-{short_name(settings.vae).replace('sd-vae-ft-', '')}-cfg-{cfg_scale}-seed-{args.global_seed}"
+            f"-{args.sampler}{args.num_sampling_steps}")
+    if args.num_fid_samples != 50_000:
+        name += f"-n{args.num_fid_samples}"
+    if args.use_model_weights:
+        name += "-model-weights"
+    if cfg_scale != 1.0 and args.guide_channels != "all":
+        name += f"-guide{args.guide_channels}"
+    if args.balanced_classes:
+        name += "-balanced"
+    if args.mixed_precision != "no":
+        name += f"-{args.mixed_precision}"
+    return name
+
+
+def sampling_config(args, settings, cfg_scale):
+    """Everything that decides the samples' values; shards of another configuration must not be mixed in."""
+    return {
+        "ckpt": os.path.abspath(args.ckpt), "weights": settings.weights, "model": settings.model_name,
+        "image_size": settings.image_size, "vae": settings.vae, "sampler": args.sampler,
+        "num_sampling_steps": args.num_sampling_steps, "cfg_scale": cfg_scale,
+        "guide_channels": args.guide_channels if cfg_scale != 1.0 else "all",
+        "global_seed": args.global_seed, "num_fid_samples": args.num_fid_samples,
+        "balanced_classes": args.balanced_classes, "shard_size": args.shard_size,
+        "mixed_precision": args.mixed_precision,
+    }
+
+
+def check_shard_dir(shard_dir, config):
+    """Raise if shard_dir was started with another configuration (nothing in it is touched)."""
+    path = os.path.join(shard_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        stored = json.load(f)
+    differ = [f"{k}: {stored.get(k)!r} there vs {config.get(k)!r} now"
+              for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
+    if differ:
+        raise ValueError(f"{shard_dir} holds shards of another configuration ({'; '.join(differ)}); "
+                         "use another --sample-dir or restore the original settings (no shard was deleted)")
+
+
+def atomic_write(path, write):
+    """Write a file via a temporary sibling and os.replace, so a kill never leaves a partial file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_path(shard_dir, k):
+    return os.path.join(shard_dir, f"shard_{k:06d}.npz")
+
+
+def write_npz(f, arrays, chunks=None):
+    """An .npz byte for byte determined by its arrays (fixed zip timestamps); arrays may be streamed.
+
+    arrays: {name: array}; chunks: {name: (dtype, shape, iterable of C-ordered pieces)} for arrays
+    too large to hold in memory (the 50K-image arr_0).
+    """
+    entries = [(name, a.dtype, a.shape, [a]) for name, a in arrays.items()]
+    entries += [(name, dtype, shape, pieces) for name, (dtype, shape, pieces) in (chunks or {}).items()]
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, dtype, shape, pieces in sorted(entries, key=lambda e: e[0]):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as entry:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                          "shape": tuple(shape)}
+                np.lib.format.write_array_header_1_0(entry, header)
+                for piece in pieces:
+                    entry.write(np.ascontiguousarray(piece, dtype=dtype).tobytes())
+
+
+def read_shard(path, start, stop):
+    """(images, labels) of a finished shard, checked against the sample indices it must hold."""
+    with np.load(path) as shard:
+        images, labels = shard["images"], shard["labels"]
+    if len(images) != stop - start or len(labels) != stop - start:
+        raise ValueError(f"{path} holds {len(images)} samples, expected {stop - start} (indices {start}..{stop - 1})")
+    return images, labels
+
+
+def rgb(images):
+    """(N, H, W, 1) grayscale -> (N, H, W, 3): the ADM evaluator expects RGB."""
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+#################################################################################
+#                                  Sampling                                     #
+#################################################################################
+
+def main(args):
+    """Sample the shards this process owns, then (rank 0) join all shards into one .npz."""
+    if args.num_fid_samples < 1:
+        raise ValueError(f"--num-fid-samples must be >= 1, got {args.num_fid_samples}")
+    if args.shard_size < 1 or args.per_proc_batch_size < 1:
+        raise ValueError(f"--shard-size and --per-proc-batch-size must be >= 1, got "
+                         f"{args.shard_size} and {args.per_proc_batch_size}")
+    distributed = "WORLD_SIZE" in os.environ  # set by torchrun; a plain process runs alone
+    if distributed:
+        # nccl needs GPUs; gloo runs anywhere (CPU tests, GPU-less nodes).
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32  # official DiT: True, fast, tiny differences
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    else:
+        device = torch.device("cpu")
+    torch.set_grad_enabled(False)
+
+    model, settings = load_checkpoint(args.ckpt, checkpoint_flags(args), args.use_model_weights)
+    model = model.to(device)
+    cfg_scale = resolve_cfg_scale(args.cfg_scale, model.num_classes, default=1.5)
+    respacing = f"ddim{args.num_sampling_steps}" if args.sampler == "ddim" else str(args.num_sampling_steps)
+    diffusion = create_diffusion(**{**settings.diffusion_config, "timestep_respacing": respacing})
+    vae = None if settings.vae == "none" else load_vae(settings.vae, device)
+
+    name = run_name(args, settings, cfg_scale)
+    shard_dir = os.path.join(args.sample_dir, f"{name}.shards")
+    config = sampling_config(args, settings, cfg_scale)
+    check_shard_dir(shard_dir, config)  # every rank checks, so every rank stops on a mismatch
+    if rank == 0:
+        os.makedirs(shard_dir, exist_ok=True)
+        if not os.path.exists(os.path.join(shard_dir, "config.json")):
+            atomic_write(os.path.join(shard_dir, "config.json"),
+                         lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()))
+    if distributed:
+        dist.barrier()
+
+    # Shard k holds global sample indices [k * shard_size, min((k + 1) * shard_size, N)).
+    n = args.num_fid_samples
+    num_shards = math.ceil(n / args.shard_size)
+    bounds = [(k * args.shard_size, min((k + 1) * args.shard_size, n)) for k in range(num_shards)]
+    todo = [k for k in range(rank, num_shards, world_size) if not os.path.exists(shard_path(shard_dir, k))]
+    if args.max_shards is not None:
+        todo = todo[: args.max_shards]
+    if rank == 0:
+        done = num_shards - len([k for k in range(num_shards) if not os.path.exists(shard_path(shard_dir, k))])
+        print(f"{name}: {num_shards} shards of {args.shard_size}, {done} already finished, "
+              f"{world_size} process(es), {args.per_proc_batch_size} samples per batch")
+    bar = tqdm(total=sum(bounds[k][1] - bounds[k][0] for k in todo), disable=rank != 0, desc="samples")
+    for k in todo:
+        start, stop = bounds[k]
+        images, labels = [], []
+        for first in range(start, stop, args.per_proc_batch_size):
+            indices = list(range(first, min(first + args.per_proc_batch_size, stop)))
+            y = class_labels(indices, model.num_classes, args.global_seed, args.balanced_classes)
+            samples = generate(model, diffusion, args.sampler, indices, y, args.global_seed, cfg_scale,
+                               args.guide_channels, args.mixed_precision)
+            images.append(to_uint8(samples, vae, settings.latent_scale))  # (B, H, W, C)
+            labels.append(y.numpy())
+            bar.update(len(indices))
+        shard = {"images": np.concatenate(images), "labels": np.concatenate(labels)}
+        atomic_write(shard_path(shard_dir, k), lambda f: write_npz(f, shard))
+        if args.save_png:
+            save_pngs(shard_dir, start, shard["images"])
+    bar.close()
+    if distributed:
+        dist.barrier()
+
+    if rank == 0:
+        missing = [k for k in range(num_shards) if not os.path.exists(shard_path(shard_dir, k))]
+        if missing:
+            print(f"stopped with {num_shards - len(missing)}/{num_shards} shards finished "
+                  f"(--max-shards); re-run the same command to continue")
+        else:
+            out = write_samples(shard_dir, bounds, os.path.join(args.sample_dir, f"{name}.npz"))
+            print(out)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def save_pngs(shard_dir, start, images):
+    """Optional per-sample PNGs <index:06d>.png, as official DiT writes them."""
+    from PIL import Image
+    png_dir = os.path.join(shard_dir, "png")
+    os.makedirs(png_dir, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+            os.path.join(png_dir, f"{start + i:06d}.png"))
+
+
+def write_samples(shard_dir, bounds, out):
+    """Join the shards, in index order and one at a time, into <out>: arr_0 uint8 NHWC RGB, arr_1 labels."""
+    first, _ = read_shard(shard_path(shard_dir, 0), *bounds[0])
+    n = bounds[-1][1]
+    shape = (n,) + rgb(first[:1]).shape[1:]  # (N, H, W, 3)
+    labels = np.concatenate([read_shard(shard_path(shard_dir, k), *b)[1] for k, b in enumerate(bounds)])
+    pieces = (rgb(read_shard(shard_path(shard_dir, k), *b)[0]) for k, b in enumerate(bounds))
+    atomic_write(out, lambda f: write_npz(f, {"arr_1": labels.astype(np.int64)},
+                                          chunks={"arr_0": (np.uint8, shape, pieces)}))
+    return out
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--num-fid-samples", type=int, default=50_000)
+    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="default 1.5 for conditional models (the paper's FID setting), 1 for unconditional")
+    parser.add_argument("--guide-channels", type=parse_guide_channels, default="all",
+                        help="'all' latent channels, or 3 for official DiT's legacy 3-channel guidance")
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--balanced-classes", action="store_true",
+                        help="label i = i mod num_classes (N / num_classes per class) instead of uniform at random")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per saved shard (resume unit)")
+    parser.add_argument("--max-shards", type=int, default=None,
+                        help="stop after this many shards per process (time-limited jobs); re-run to continue")
+    parser.add_argument("--mixed-precision", type=str, choices=["no", "bf16"], default="no")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on GPU (official DiT: on)")
+    parser.add_argument("--save-png", action="store_true", help="also write <index>.png per sample")
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

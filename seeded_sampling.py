@@ -1,0 +1,132 @@
+"""Sampling in which image i depends only on (global seed, i): its label, start noise and step noise.
+
+Every sample draws from its own torch.Generator seeded from (global_seed, i), so the images do
+not depend on how samples are split over processes or batches (official DiT seeds one generator
+per rank instead, which ties the output to the world size). With the same batch composition the
+result is bitwise identical; across batch sizes it is identical up to the float rounding of the
+batched model forward.
+"""
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffusion.guidance import ClassifierFreeGuidance
+
+
+# Independent random streams of one sample.
+LABEL_STREAM, NOISE_STREAM = 0, 1
+
+
+def sample_generator(global_seed, index, stream):
+    """A CPU generator for stream `stream` of sample `index`; SeedSequence decorrelates nearby seeds."""
+    state = np.random.SeedSequence([global_seed, index, stream]).generate_state(2, dtype=np.uint32)
+    seed = (int(state[0]) << 31) ^ int(state[1])  # < 2**63: accepted by manual_seed
+    return torch.Generator().manual_seed(seed)
+
+
+def class_labels(indices, num_classes, global_seed, balanced):
+    """Labels (N,) int64: uniform at random per sample (official DiT), or index % num_classes if balanced.
+
+    balanced: with N not divisible by num_classes, classes 0 .. (N mod num_classes) - 1 get one more.
+    """
+    if balanced:
+        return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
+    return torch.cat([torch.randint(num_classes, (1,), generator=sample_generator(global_seed, i, LABEL_STREAM))
+                      for i in indices])
+
+
+class PerSampleNoise:
+    """Standard Gaussian noise whose row i is drawn from sample i's own generator, call after call."""
+
+    def __init__(self, indices, global_seed, device="cpu"):
+        self.generators = [sample_generator(global_seed, i, NOISE_STREAM) for i in indices]
+        self.device = device
+
+    def __call__(self, shape):
+        """Noise of `shape` = (N, ...), row i from generator i (drawn on CPU: same values on any device)."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"noise batch {shape[0]} != {len(self.generators)} samples")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in self.generators]).to(self.device)
+
+
+def resolve_cfg_scale(cfg_scale, num_classes, default):
+    """CFG scale to use: `default` for conditional models, 1 (no guidance) for unconditional ones."""
+    if num_classes == 1:
+        if cfg_scale is not None and cfg_scale != 1.0:
+            raise ValueError(f"--cfg-scale {cfg_scale} given, but the model is unconditional "
+                             "(num_classes = 1): classifier-free guidance does not apply")
+        return 1.0
+    return default if cfg_scale is None else cfg_scale
+
+
+def model_function(model, cfg_scale, guide_channels, mixed_precision):
+    """The callable the sampler runs: the model (under bf16 autocast if asked), guided if cfg_scale != 1."""
+    device_type = next(model.parameters()).device.type
+
+    def model_fn(x, t, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+            return model(x, t, **kwargs).float()  # the diffusion math stays in fp32
+
+    if cfg_scale == 1.0:
+        return model_fn  # guidance at scale 1 is the conditional model: skip the doubled batch
+    # null class = num_classes (official DiT); the wrapper doubles the batch inside each call
+    return ClassifierFreeGuidance(model_fn, cfg_scale, {"y": torch.tensor(model.num_classes)}, guide_channels)
+
+
+def ancestral_step(diffusion, model_fn, x, t, noise, model_kwargs):
+    """x_{t-1} = mu + sigma z with z given (DDPM Alg. 2), i.e. diffusion.p_sample with the noise passed in.
+
+    diffusion.p_sample draws z with torch.randn_like, one stream for the whole batch; per-sample
+    determinism needs z from each sample's generator, so the step is taken here from p_mean_variance.
+    """
+    out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=False, model_kwargs=model_kwargs)
+    nonzero_mask = (t != 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (N, 1, ..., 1): no noise at t = 0
+    return out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
+
+
+@torch.no_grad()
+def generate(model, diffusion, sampler, indices, labels, global_seed, cfg_scale=1.0, guide_channels="all",
+             mixed_precision="no", progress=False):
+    """Samples (N, C, H, W) in model space for global sample indices and their labels (DDPM, or DDIM eta=0)."""
+    device = next(model.parameters()).device
+    model_fn = model_function(model, cfg_scale, guide_channels, mixed_precision)
+    noise = PerSampleNoise(indices, global_seed, device)
+    shape = (len(indices), model.in_channels, model.input_size, model.input_size)
+    y = labels.to(device)
+    x = noise(shape)  # (N, C, H, W), the start noise x_T
+    if sampler == "ddim":
+        # eta = 0: deterministic given x_T, so no per-step noise is needed
+        x = diffusion.ddim_sample_loop(model_fn, shape, noise=x, clip_denoised=False, model_kwargs={"y": y},
+                                       device=device, progress=progress, eta=0.0)
+    elif sampler == "ddpm":
+        steps = range(diffusion.num_timesteps - 1, -1, -1)
+        for i in tqdm(steps, leave=False) if progress else steps:
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            x = ancestral_step(diffusion, model_fn, x, t, noise(shape), {"y": y})
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; expected ddpm or ddim")
+    return x
+
+
+def parse_guide_channels(value):
+    """--guide-channels: 'all' latent channels, or how many (3 = official DiT's legacy guidance)."""
+    return value if value == "all" else int(value)
+
+
+@torch.no_grad()
+def to_uint8(samples, vae=None, latent_scale=0.18215):
+    """Model-space samples (N, C, H, W) -> uint8 images (N, H', W', C'): VAE-decoded if latent, as in DiT."""
+    if vae is not None:
+        samples = vae.decode(samples.to(vae.dtype) / latent_scale).sample.float()  # (N, 3, 8H, 8W)
+    images = torch.clamp(127.5 * samples + 128.0, 0, 255).to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
+
+
+def load_vae(name_or_path, device):
+    """The diffusers AutoencoderKL a latent model was trained with (a hub name or a local folder)."""
+    from diffusers.models import AutoencoderKL  # imported here: pixel-space models need no diffusers
+    try:
+        return AutoencoderKL.from_pretrained(name_or_path).to(device).eval()
+    except OSError as error:
+        raise OSError(f"cannot load the VAE {name_or_path!r} (offline? pass --vae with a local path "
+                      f"holding a diffusers AutoencoderKL): {error}") from error
