@@ -1,0 +1,195 @@
+"""Encode an image dataset into VAE latents (image and its horizontal flip) stored as mmap-able shards.
+
+Latent models train on precomputed SD-VAE latents (SPEC Sec. 5; 256x256x3 -> 32x32x4, scale 0.18215).
+Each image is stored with the latent of its mirror image so that the paper's random horizontal flip
+survives precomputation; imagedata.LatentFeatureDataset picks one of the two per sample and epoch.
+Stored latents are the posterior MEAN times the scale (deterministic; fast-DiT stored one .sample(),
+whose noise is negligible for the SD VAE). Shards are float32 (n, 2, C, h, w); see imagedata/latents.py.
+
+Single process:  python extract_features.py --data-path /data/imagenet/train --features-path features
+Many GPUs:       torchrun --nproc_per_node=8 extract_features.py --data-path ... --features-path ...
+Shard k is encoded by rank k % world_size; finished shards are skipped on re-run (resume).
+"""
+import argparse
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from imagedata import BadImageError, ImageFileDataset, build_dataset
+from imagedata.latents import read_shard_record, shard_is_finished, write_manifest, write_shard
+
+LATENT_SCALE = 0.18215  # SD VAE latent scale used by DiT / LDM
+VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}  # official DiT --vae
+
+
+#################################################################################
+#                                  Helpers                                      #
+#################################################################################
+
+def resolve_vae(name):
+    """Map the official DiT shorthand ema|mse to the Hub name; anything else is a Hub name or local path."""
+    return VAE_SHORTHANDS.get(name, name)
+
+
+def setup_distributed():
+    """(rank, world_size, device); torchrun env -> process group (nccl on GPU, gloo on CPU), else 1 process."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        device = torch.device("cuda", local_rank)
+    else:
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class FlaggedImages(Dataset):
+    """Unflipped images with a readable flag, so one bad file is reported instead of killing the loader."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        try:
+            x, y = self.images.load(index)
+            return x, y, index, True
+        except BadImageError:
+            size = self.images.image_size
+            return torch.zeros(3, size, size), torch.tensor(-1), index, False
+
+
+@torch.no_grad()
+def encode_with_flip(vae, x, scale):
+    """x (B, 3, H, W) in [-1, 1] -> scaled posterior means (B, 2, C, h, w): [:, 0] image, [:, 1] its hflip."""
+    both = torch.cat([x, x.flip(-1)])  # (2B, 3, H, W)
+    z = vae.encode(both).latent_dist.mean * scale  # (2B, C, h, w)
+    return torch.stack(z.chunk(2), dim=1)  # (B, 2, C, h, w)
+
+
+def shard_range(k, shard_size, n):
+    """Dataset indices [start, stop) held by shard k."""
+    return k * shard_size, min((k + 1) * shard_size, n)
+
+
+#################################################################################
+#                                  Main                                         #
+#################################################################################
+
+def main(args):
+    """Encode every image of --data-path and its flip; write this rank's shards, then rank 0 the manifest."""
+    torch.manual_seed(args.global_seed)  # latents are posterior means, so outputs do not depend on it
+    rank, world_size, device = setup_distributed()
+    images = build_dataset(data_path=args.data_path, image_size=args.image_size, kind=args.kind, flip=False)
+    if not isinstance(images, ImageFileDataset):
+        raise SystemExit(f"extract_features.py encodes RGB image folders (kind imagefolder or flat); "
+                         f"{args.data_path} is a {type(images).__name__}")
+    if args.shard_size <= 0 or args.batch_size <= 0:
+        raise SystemExit("--shard-size and --batch-size must be positive")
+    os.makedirs(args.features_path, exist_ok=True)
+    n = len(images)
+    num_shards = math.ceil(n / args.shard_size)
+    vae_path = resolve_vae(args.vae)
+    run_config = {"vae": vae_path, "image_size": args.image_size, "shard_size": args.shard_size, "num_images": n,
+                  "data_path": os.path.abspath(args.data_path)}
+
+    # Resume: skip finished shards, but only if they came from the same run configuration.
+    mine, done = [], 0
+    for k in range(rank, num_shards, world_size):
+        if shard_is_finished(args.features_path, k):
+            if read_shard_record(args.features_path, k).get("config") != run_config:
+                raise SystemExit(f"shard {k} in {args.features_path} was written with a different configuration; "
+                                 f"use a fresh --features-path")
+            done += 1
+        else:
+            mine.append(k)
+    if rank == 0:
+        print(f"{n} images -> {num_shards} shards over {world_size} rank(s); rank 0 resumes past {done} finished")
+
+    from diffusers.models import AutoencoderKL  # imported here: the import is slow
+    vae_config = AutoencoderKL.load_config(vae_path)
+    down = 2 ** (len(vae_config["block_out_channels"]) - 1)  # the encoder halves the size at each extra level
+    latent_shape = [vae_config["latent_channels"], args.image_size // down, args.image_size // down]
+    vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval() if mine else None
+    indices = [i for k in mine for i in range(*shard_range(k, args.shard_size, n))]
+    loader = DataLoader(Subset(FlaggedImages(images), indices), batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+
+    pending = {}  # shard -> lists of latents / labels / skipped paths; shards complete in order
+    bad_paths = []
+    for x, y, idx, ok in tqdm(loader, disable=rank != 0, desc="encoding"):
+        z = encode_with_flip(vae, x[ok].to(device), LATENT_SCALE).float().cpu() if ok.any() else None
+        good = iter(z) if z is not None else iter(())
+        for i, label, readable in zip(idx.tolist(), y.tolist(), ok.tolist()):
+            k = i // args.shard_size
+            shard = pending.setdefault(k, {"latents": [], "labels": [], "skipped": [], "seen": 0})
+            shard["seen"] += 1
+            if readable:
+                shard["latents"].append(next(good))
+                shard["labels"].append(label)
+            else:
+                shard["skipped"].append(images.paths[i])
+                bad_paths.append(images.paths[i])
+            start, stop = shard_range(k, args.shard_size, n)
+            if shard["seen"] == stop - start:
+                # A shard with unreadable images is written only when they may be skipped, so a failed
+                # run can be resumed with --skip-bad-images (or after fixing the files).
+                if not shard["skipped"] or args.skip_bad_images:
+                    latents = (torch.stack(shard["latents"]) if shard["latents"]
+                               else torch.zeros(0, 2, *latent_shape)).numpy()  # (n, 2, C, h, w)
+                    write_shard(args.features_path, k, latents, shard["labels"],
+                                {"start": start, "stop": stop, "skipped": shard["skipped"], "rank": rank,
+                                 "config": run_config})
+                del pending[k]
+
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, bad_paths)
+        bad_paths = sorted(p for paths in gathered for p in paths)
+    if bad_paths and not args.skip_bad_images:
+        if rank == 0:
+            listing = "\n".join(f"  {p}" for p in bad_paths)
+            print(f"unreadable images ({len(bad_paths)}):\n{listing}")
+        if world_size > 1:
+            dist.destroy_process_group()
+        raise SystemExit(f"{len(bad_paths)} unreadable image(s), first: {bad_paths[0]}; shards holding them were not "
+                         f"written. Fix or remove them, or re-run with --skip-bad-images (finished shards are kept).")
+
+    if world_size > 1:
+        dist.barrier()  # every rank's shards are on disk before rank 0 gathers them
+    if rank == 0:
+        manifest = write_manifest(args.features_path, num_shards, vae=vae_path, latent_scale=LATENT_SCALE,
+                                  latent_stat="mean", latent_shape=latent_shape, image_size=args.image_size,
+                                  num_classes=images.num_classes, class_names=images.class_names,
+                                  shard_size=args.shard_size, num_images=n, data_path=os.path.abspath(args.data_path),
+                                  flip_layout="[:, 0] image, [:, 1] horizontal flip")
+        print(f"wrote {manifest['count']} latent pairs in {num_shards} shards to {args.features_path}"
+              + (f"; skipped {len(manifest['skipped'])} unreadable image(s)" if manifest["skipped"] else ""))
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-path", type=str, required=True)
+    parser.add_argument("--features-path", "--feature-path", dest="features_path", type=str, default="features")
+    parser.add_argument("--kind", type=str, choices=["auto", "imagefolder", "flat"], default="auto",
+                        help="flat: every image under --data-path, label 0 (FFHQ)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--vae", type=str, default="stabilityai/sd-vae-ft-ema", help="ema | mse | Hub name | local AutoencoderKL path")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--shard-size", type=int, default=10000)
+    parser.add_argument("--skip-bad-images", action="store_true")
+    parser.add_argument("--global-seed", type=int, default=0)
+    main(parser.parse_args())

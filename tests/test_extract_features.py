@@ -1,0 +1,153 @@
+"""End-to-end tests of extract_features.py with a tiny random AutoencoderKL: shards, flips, bad images, resume, DDP."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import extract_features
+from imagedata import build_dataset, read_manifest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCALE = 0.18215
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A randomly initialised 2-level AutoencoderKL (16 px -> 4x8x8 latents) saved to a local folder."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=32, sample_size=16)
+    path = str(tmp_path_factory.mktemp("vae"))
+    vae.save_pretrained(path)
+    return path, vae.eval()
+
+
+def make_images(root, per_class=6, classes=("cat", "dog")):
+    """Random 16x16 RGB images in class folders; returns the uint8 arrays in dataset order."""
+    rng = np.random.default_rng(0)
+    arrays = []
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(os.path.join(root, c, f"{i:02d}.png"))
+            arrays.append(arr)
+    return arrays
+
+
+def run_args(data, feat, vae, **overrides):
+    args = dict(data_path=str(data), features_path=str(feat), kind="auto", image_size=16, vae=vae, batch_size=4,
+                num_workers=0, shard_size=5, skip_bad_images=False, global_seed=0)
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def load_all(feat):
+    manifest = read_manifest(str(feat))
+    latents = np.concatenate([np.load(os.path.join(feat, s["latents"])) for s in manifest["shards"]])
+    labels = np.concatenate([np.load(os.path.join(feat, s["labels"])) for s in manifest["shards"]])
+    return manifest, latents, labels
+
+
+def shard_stamps(feat):
+    return {f: (os.stat(feat / f).st_ino, os.stat(feat / f).st_mtime_ns) for f in sorted(os.listdir(feat))
+            if f.startswith("shard-")}
+
+
+def subprocess_env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+
+
+def test_latents_equal_direct_encoding_of_image_and_its_flip(tmp_path, tiny_vae):
+    vae_path, vae = tiny_vae
+    arrays = make_images(tmp_path / "imgs")
+    feat = tmp_path / "feat"
+    extract_features.main(run_args(tmp_path / "imgs", feat, vae_path, num_workers=1))
+    manifest, latents, labels = load_all(feat)
+    assert [s["count"] for s in manifest["shards"]] == [5, 5, 2]
+    assert manifest["latent_scale"] == SCALE and manifest["latent_shape"] == [4, 8, 8] and manifest["num_classes"] == 2
+    assert manifest["count"] == 12 and latents.shape == (12, 2, 4, 8, 8) and latents.dtype == np.float32
+    assert labels.tolist() == [0] * 6 + [1] * 6
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (12, 3, 16, 16)
+    with torch.no_grad():
+        plain = vae.encode(x).latent_dist.mean * SCALE
+        flipped = vae.encode(x.flip(-1)).latent_dist.mean * SCALE
+    assert torch.allclose(torch.from_numpy(latents[:, 0]), plain, atol=1e-5)
+    assert torch.allclose(torch.from_numpy(latents[:, 1]), flipped, atol=1e-5)
+    assert not torch.allclose(plain, flipped, atol=1e-3)
+    assert not [f for f in os.listdir(feat) if ".tmp-" in f]  # atomic writes leave no temp files
+
+
+def test_bad_image_fails_naming_it_and_count_then_skip_resumes_only_unfinished_shards(tmp_path, tiny_vae, monkeypatch):
+    vae_path, _ = tiny_vae
+    make_images(tmp_path / "imgs")
+    (tmp_path / "imgs" / "dog" / "03.png").write_bytes(b"garbage")  # index 9 -> shard 1 of [0,5) [5,10) [10,12)
+    feat = tmp_path / "feat"
+    encoded = []
+    real_encode = extract_features.encode_with_flip
+    monkeypatch.setattr(extract_features, "encode_with_flip",
+                        lambda vae, x, scale: encoded.append(len(x)) or real_encode(vae, x, scale))
+    with pytest.raises(SystemExit) as failure:
+        extract_features.main(run_args(tmp_path / "imgs", feat, vae_path))
+    assert "1 unreadable image" in str(failure.value.code) and "dog/03.png" in str(failure.value.code)
+    assert sorted(f for f in os.listdir(feat) if f.endswith(".json")) == ["shard-00000.json", "shard-00002.json"]
+    before = shard_stamps(feat)
+
+    encoded.clear()
+    extract_features.main(run_args(tmp_path / "imgs", feat, vae_path, skip_bad_images=True))
+    assert sum(encoded) == 4  # only shard 1's readable images are encoded again
+    after = shard_stamps(feat)
+    assert all(after[f] == stamp for f, stamp in before.items())  # finished shards untouched
+    manifest, latents, labels = load_all(feat)
+    assert manifest["count"] == 11 and len(manifest["skipped"]) == 1 and manifest["skipped"][0].endswith("dog/03.png")
+    assert labels.tolist() == [0] * 6 + [1] * 5
+
+    encoded.clear()
+    extract_features.main(run_args(tmp_path / "imgs", feat, vae_path, skip_bad_images=True))
+    assert encoded == [] and shard_stamps(feat) == after
+    with pytest.raises(SystemExit, match="different configuration"):
+        extract_features.main(run_args(tmp_path / "imgs", feat, vae_path, skip_bad_images=True, image_size=8))
+
+
+def test_vae_shorthands_map_to_official_dit_vaes():
+    assert extract_features.resolve_vae("ema") == "stabilityai/sd-vae-ft-ema"
+    assert extract_features.resolve_vae("mse") == "stabilityai/sd-vae-ft-mse"
+    assert extract_features.resolve_vae("/some/local/vae") == "/some/local/vae"
+
+
+def test_two_process_torchrun_matches_one_process_and_latent_dataset_reads_both_flips(tmp_path, tiny_vae):
+    vae_path, _ = tiny_vae
+    make_images(tmp_path / "imgs")
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    extract_features.main(run_args(tmp_path / "imgs", single, vae_path, shard_size=3))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "extract_features.py"), "--data-path", str(tmp_path / "imgs"),
+           "--feature-path", str(multi), "--image-size", "16", "--vae", vae_path, "--batch-size", "2",
+           "--num-workers", "0", "--shard-size", "3"]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    m1, lat1, lab1 = load_all(single)
+    m2, lat2, lab2 = load_all(multi)
+    assert m2["count"] == m1["count"] == 12 and len(m2["shards"]) == 4
+    assert np.allclose(lat1, lat2, atol=1e-5) and np.array_equal(lab1, lab2)
+    ranks = [json.load(open(multi / f"shard-{k:05d}.json"))["rank"] for k in range(4)]
+    assert ranks == [0, 1, 0, 1]  # each shard written by exactly its own rank, none overwritten
+    assert not [f for f in os.listdir(multi) if ".tmp-" in f]
+
+    ds = build_dataset(feature_path=str(multi), seed=0)
+    assert ds.num_classes == 2 and ds.channels == 4 and ds.resolution == 8 and len(ds) == 12
+    seen = set()
+    for i in range(12):
+        x, y = ds[i]
+        f = int(ds.is_flipped(i))
+        seen.add(f)
+        assert torch.equal(x, torch.from_numpy(lat2[i, f])) and int(y) == lab2[i]
+    assert seen == {0, 1}
