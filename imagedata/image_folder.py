@@ -82,7 +82,7 @@ class ImageFileDataset(SeededFlip, Dataset):
 def image_folder_dataset(root, image_size, flip=True, seed=0):
     """ImageNet layout root/<class>/**/*.jpg; labels are indices of the sorted class folder names."""
     _check_dir(root)
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))  # skip .cache etc.
     if not classes:
         raise FileNotFoundError(f"no class subfolders in {root} (for a flat folder of images use kind='flat')")
     paths, labels = [], []
