@@ -38,7 +38,6 @@ from imagedata import build_dataset
 from models import DiT, DiT_models, ROUTING_KINDS, create_model
 
 LATENT_SCALE = 0.18215  # SD VAE latent scale, as official DiT
-VAE_DOWNSAMPLE = 8  # SD VAE: 256x256x3 images -> 32x32x4 latents
 CUSTOM_DIT_FLAGS = ("hidden_size", "depth", "num_heads", "patch_size")  # architecture overrides of a custom DiT
 NOISE_SCHEDULES = ("squaredcos_cap_v2", "linear")
 
@@ -134,22 +133,18 @@ def unwrap(model):
 #################################################################################
 
 def model_name(args):
-    """Zoo name, or "DiT-custom" when any architecture override is given."""
-    return "DiT-custom" if any(getattr(args, k) is not None for k in CUSTOM_DIT_FLAGS) else args.model
+    """Zoo name, or "DiT-custom" when the architecture flags (--hidden-size ...) are given."""
+    return "DiT-custom" if args.hidden_size is not None else args.model
 
 
 def build_model(args, input_size, in_channels, num_classes):
-    """Zoo DiT from --model, or a custom DiT: the zoo model's config with --hidden-size/--depth/... replaced."""
+    """Zoo DiT from --model, or a custom DiT built from --hidden-size/--depth/--num-heads/--patch-size."""
     kwargs = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=True,
                   routing=args.routing, alpha=args.alpha, beta=args.beta, routing_seed=args.routing_seed,
                   grad_checkpointing=args.grad_checkpointing)
-    overrides = {k: getattr(args, k) for k in CUSTOM_DIT_FLAGS if getattr(args, k) is not None}
-    if not overrides:
+    if args.hidden_size is None:
         return create_model(args.model, **kwargs)
-    with torch.device("meta"):  # read the zoo config without allocating its weights
-        config = dict(create_model(args.model, **kwargs).config)
-    config.update(overrides)
-    return DiT(**config)
+    return DiT(**kwargs, **{k: getattr(args, k) for k in CUSTOM_DIT_FLAGS})
 
 
 def check_data_fits_model(args, dataset):
@@ -160,18 +155,22 @@ def check_data_fits_model(args, dataset):
     if dataset.num_classes > args.num_classes:
         raise ValueError(f"dataset has {dataset.num_classes} classes but --num-classes is {args.num_classes}")
     channels, resolution = dataset.channels, dataset.resolution
+    patch_size = args.patch_size if args.patch_size is not None else int(args.model.split("/")[-1])
     if args.feature_path is not None:
-        expected = args.image_size // VAE_DOWNSAMPLE
-        if resolution != expected:
-            raise ValueError(f"latents in {args.feature_path} are {channels}x{resolution}x{resolution} but "
-                             f"--image-size {args.image_size} needs {expected}x{expected} latents "
-                             f"(image_size / {VAE_DOWNSAMPLE})")
+        if dataset.image_size != args.image_size:
+            raise ValueError(f"latents in {args.feature_path} were extracted from {dataset.image_size}px images "
+                             f"but --image-size is {args.image_size}")
+        if resolution % patch_size:
+            raise ValueError(f"latents in {args.feature_path} are {channels}x{resolution}x{resolution}, which "
+                             f"patch size {patch_size} of {model_name(args)} does not divide")
         return resolution, channels
     if args.vae != "none":
         raise ValueError("encoding images with a VAE on the fly is not supported: precompute latents with "
                          "extract_features.py and pass --feature-path, or train in pixel space with --vae none")
     if resolution != args.image_size:
         raise ValueError(f"dataset yields {resolution}x{resolution} images but --image-size is {args.image_size}")
+    if resolution % patch_size:
+        raise ValueError(f"--image-size {resolution} is not divisible by the patch size {patch_size}")
     return resolution, channels
 
 
@@ -501,8 +500,8 @@ def build_parser():
     model.add_argument("--beta", type=float, default=0.8, help="share of active channels per task")
     model.add_argument("--routing-seed", type=int, default=0, help="seed of the R-TR masks")
     model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    custom = parser.add_argument_group("custom DiT", "any of these builds a 'DiT-custom': the --model "
-                                       "architecture with these fields replaced (tiny CPU runs)")
+    custom = parser.add_argument_group("custom DiT", "all four together build a 'DiT-custom' of that shape "
+                                       "instead of the --model zoo entry (tiny CPU runs)")
     for flag in CUSTOM_DIT_FLAGS:
         custom.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
     diff = parser.add_argument_group("diffusion")
@@ -595,9 +594,16 @@ def validate_args(args):
         raise ValueError(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
-    for flag in CUSTOM_DIT_FLAGS:
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    custom = {flag: getattr(args, flag) for flag in CUSTOM_DIT_FLAGS}
+    if any(v is not None for v in custom.values()):
+        missing = [f"--{k.replace('_', '-')}" for k, v in custom.items() if v is None]
+        if missing:
+            raise ValueError(f"a custom DiT needs all of --hidden-size --depth --num-heads --patch-size; "
+                             f"missing {' '.join(missing)}")
+        bad = [f"--{k.replace('_', '-')} {v}" for k, v in custom.items() if v < 1]
+        if bad or args.hidden_size % args.num_heads:
+            raise ValueError(f"invalid custom DiT shape: {', '.join(bad) or ''} (hidden size must be a "
+                             f"multiple of --num-heads, all >= 1)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,273 @@
+"""train.py end to end on a tiny DiT (hidden 32, depth 2, 8x8 inputs): checkpoints, exact resume, DDP, errors."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from models import DiT, DiT_models, ROUTING_KINDS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_pixel.yaml")
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """24 random 10x10 RGB images in two class folders (center-cropped to 8x8 by the dataset)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        os.makedirs(root / c)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return str(root)
+
+
+def run(*argv):
+    """train.main in this process; returns the experiment folder."""
+    return train.main(train.parse_args(["--config", TINY, *map(str, argv)]))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def ckpts(exp):
+    return sorted(os.path.basename(p) for p in glob.glob(f"{exp}/checkpoints/*"))
+
+
+def assert_same_tensors(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+#################################################################################
+#                                    Configs                                    #
+#################################################################################
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_config_parses_and_names_a_valid_model(path):
+    args = train.parse_args(["--config", path])
+    train.validate_args(args)
+    assert args.model in DiT_models and args.routing in ROUTING_KINDS
+    assert args.alpha > 0 and 0 < args.beta <= 1
+    name = os.path.basename(path)
+    if not name.startswith("tiny"):  # file names say the routing: ..._dtr..., ..._rtr..., ..._vanilla
+        expected = "dtr" if "_dtr" in name else "random" if "_rtr" in name else "none"
+        assert args.routing == expected and ("_vanilla" in name) == (expected == "none"), name
+    with torch.device("meta"):  # the real constructor validates routing against the width, without weights
+        input_size = args.image_size if args.vae == "none" else args.image_size // 8
+        model = train.build_model(args, input_size, 4, args.num_classes)
+    assert model.config["routing"] == args.routing and model.config["beta"] == args.beta
+
+
+def test_paper_configs_match_the_paper_settings():
+    table1 = {os.path.basename(p): train.parse_args(["--config", p]) for p in CONFIGS if "/table1/" in p}
+    assert len(table1) == 6
+    for name, args in table1.items():
+        assert (args.lr, args.ema_decay, args.global_batch_size, args.noise_schedule) == (1e-4, 0.9999, 256, "squaredcos_cap_v2")
+        model, steps, classes = ("DiT-B/2", 100_000, 1) if name.startswith("ffhq") else ("DiT-L/2", 400_000, 1000)
+        assert (args.model, args.max_steps, args.num_classes) == (model, steps, classes), name
+    t3 = train.parse_args(["--config", os.path.join(ROOT, "configs/table3/imagenet256_dit_l2_dtr_ant_uw_2m.yaml")])
+    assert (t3.model, t3.routing, t3.loss_weighting, t3.max_steps) == ("DiT-L/2", "dtr", "ant-uw", 2_000_000)
+
+
+def test_config_unknown_key_is_an_error_naming_it(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: DiT-S/2\nlearning-rate: 0.1\nalhpa: 3\n")
+    with pytest.raises(ValueError, match="unknown keys in config .*alhpa, learning-rate"):
+        train.parse_args(["--config", str(bad)])
+
+
+def test_command_line_overrides_config_and_yaml_values_are_type_checked(tmp_path):
+    args = train.parse_args(["--config", TINY, "--alpha", "2", "--lr", "3e-4"])
+    assert (args.alpha, args.lr, args.hidden_size, args.beta) == (2.0, 3e-4, 32, 0.8)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routing: sliding\n")
+    with pytest.raises(SystemExit):  # argparse: invalid choice 'sliding'
+        train.parse_args(["--config", str(bad)])
+
+
+#################################################################################
+#                             Checkpoints and resume                            #
+#################################################################################
+
+def test_checkpoint_has_contract_keys_and_rebuilds_the_model(tmp_path, images):
+    exp = run("--data-path", images, "--results-dir", tmp_path, "--max-steps", 3, "--ckpt-every", 2)
+    assert os.path.basename(exp) == "000-DiT-custom"
+    assert ckpts(exp) == ["0000002.pt", "0000003.pt"]  # every 2 steps, plus the final step
+    ckpt = load(f"{exp}/checkpoints/0000003.pt")
+    assert {"model", "ema", "opt", "step", "args", "model_config", "diffusion_config", "vae", "image_size",
+            "latent_scale", "loss_weighting", "rng", "data_state"} <= set(ckpt)
+    assert ckpt["step"] == 3 and ckpt["vae"] == "none" and ckpt["image_size"] == 8
+    assert ckpt["data_state"] == {"epoch": 0, "position": 3, "sampler_seed": 0, "global_batch_size": 4}
+    assert ckpt["diffusion_config"]["noise_schedule"] == "squaredcos_cap_v2"
+    config = dict(ckpt["model_config"])
+    assert config.pop("model") == "DiT-custom"
+    assert (config["hidden_size"], config["depth"], config["in_channels"], config["routing"]) == (32, 2, 3, "dtr")
+    model = DiT(**config)
+    model.load_state_dict(ckpt["ema"])  # strict: exactly the official key set
+    # EMA 0.9999 from a copy of the init: after 3 steps it is still (almost) the init, the model moved
+    moved = max((ckpt["model"][k] - ckpt["ema"][k]).abs().max().item() for k in ckpt["model"])
+    assert 0 < moved
+    metrics = [json.loads(line) for line in open(f"{exp}/metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in metrics)
+    assert "Train Loss" in open(f"{exp}/log.txt").read()
+
+
+def test_resume_mid_epoch_matches_uninterrupted_bitwise(tmp_path, images):
+    # 24 samples / global batch 4 = 6 steps per epoch: stop mid-epoch at 3, run on into epoch 2
+    common = ["--data-path", images, "--ckpt-every", 100, "--loss-weighting", "ant-uw", "--ema-decay", "0.9"]
+    straight = run(*common, "--results-dir", tmp_path / "a", "--max-steps", 8)
+    half = run(*common, "--results-dir", tmp_path / "b", "--max-steps", 3)
+    resumed = run(*common, "--results-dir", tmp_path / "b", "--max-steps", 8,
+                  "--resume", f"{half}/checkpoints/0000003.pt")
+    assert resumed == half  # continues in the same experiment folder
+    a, b = load(f"{straight}/checkpoints/0000008.pt"), load(f"{resumed}/checkpoints/0000008.pt")
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["ema"], b["ema"])
+    assert_same_tensors(a["loss_weighting"], b["loss_weighting"])
+    assert a["data_state"] == b["data_state"] == {"epoch": 1, "position": 2, "sampler_seed": 0, "global_batch_size": 4}
+    steps = [json.loads(line)["step"] for line in open(f"{resumed}/metrics.jsonl")]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_refuses_a_checkpoint_of_another_routing_or_model(tmp_path, images):
+    exp = run("--data-path", images, "--results-dir", tmp_path, "--max-steps", 1)
+    path = f"{exp}/checkpoints/0000001.pt"
+    with pytest.raises(ValueError, match="routing: checkpoint 'dtr' vs this run 'random'"):
+        run("--data-path", images, "--max-steps", 2, "--resume", path, "--routing", "random")
+    with pytest.raises(ValueError, match="depth: checkpoint 2 vs this run 3"):
+        run("--data-path", images, "--max-steps", 2, "--resume", path, "--depth", 3)
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint_loadable(tmp_path, images, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def save_then_crash(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:  # the second checkpoint: write half a file, then die
+            real_save(obj, f)
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)
+            raise OSError("disk full (simulated)")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_crash)
+    with pytest.raises(OSError, match="simulated"):
+        run("--data-path", images, "--results-dir", tmp_path, "--max-steps", 4, "--ckpt-every", 2)
+    exp = f"{tmp_path}/000-DiT-custom"
+    assert ckpts(exp) == ["0000002.pt"]  # no partial 0000004.pt, no temp file left behind
+    assert load(f"{exp}/checkpoints/0000002.pt")["step"] == 2
+
+
+def test_non_finite_loss_stops_with_its_step_and_writes_no_bad_checkpoint(tmp_path, images, monkeypatch):
+    real_create = train.create_diffusion
+
+    def create_nan_from_step_3(**kwargs):
+        diffusion = real_create(**kwargs)
+        real_losses, calls = diffusion.training_losses, []
+
+        def training_losses(*args, **kw):
+            calls.append(1)
+            out = real_losses(*args, **kw)
+            if len(calls) >= 3:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+        diffusion.training_losses = training_losses
+        return diffusion
+
+    monkeypatch.setattr(train, "create_diffusion", create_nan_from_step_3)
+    # checked at log/checkpoint steps only: found at step 4, reported as step 3 where it began
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3.*0000002\.pt"):
+        run("--data-path", images, "--results-dir", tmp_path, "--max-steps", 6, "--ckpt-every", 2,
+            "--log-every", 10)
+    assert ckpts(f"{tmp_path}/000-DiT-custom") == ["0000002.pt"]
+
+
+#################################################################################
+#                                  Bad input                                    #
+#################################################################################
+
+def test_bad_inputs_fail_before_training_with_clear_errors(tmp_path, images):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--data-path", tmp_path / "missing"], FileNotFoundError, "--data-path does not exist"),
+        (["--data-path", empty], FileNotFoundError, "--data-path is empty"),
+        (["--data-path", images, "--alpha", "0"], ValueError, "--alpha must be a finite number > 0"),
+        (["--data-path", images, "--beta", "1.5"], ValueError, r"--beta must lie in \(0, 1\]"),
+        (["--data-path", images, "--image-size", "9"], ValueError, "--image-size 9 is not divisible by the patch size 2"),
+        (["--data-path", images, "--global-batch-size", "32"], ValueError, "fewer than --global-batch-size"),
+        (["--data-path", images, "--num-classes", "1"], ValueError, "2 classes but --num-classes is 1"),
+        (["--data-path", images, "--depth", "0"], ValueError, "invalid custom DiT shape"),
+    ]
+    for argv, error, message in cases:
+        with pytest.raises(error, match=message):
+            run("--results-dir", tmp_path / "results", *argv)
+    assert not os.path.exists(tmp_path / "results")  # nothing written for any of them
+    for flag, value in (("--model", "DiT-M/2"), ("--routing", "sliding")):
+        with pytest.raises(SystemExit):  # argparse names the valid choices
+            train.parse_args(["--config", TINY, flag, value])
+    args = train.parse_args(["--config", TINY, "--data-path", images])
+    args.model, args.routing = "DiT-M/2", "dtr"
+    with pytest.raises(ValueError, match="unknown model 'DiT-M/2'"):
+        train.validate_args(args)
+    with pytest.raises(ValueError, match="not divisible by the world size 3"):
+        train.train(train.parse_args(["--config", TINY, "--data-path", images]), 0, 3, torch.device("cpu"))
+
+
+#################################################################################
+#                              Latents and DDP                                  #
+#################################################################################
+
+def test_trains_on_latents_written_by_extract_features(tmp_path, images):
+    from test_extract_features import run_args, tiny_vae  # noqa: F401  (the data engineer's 16px test VAE)
+    import extract_features
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=32, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    feat = tmp_path / "features"
+    extract_features.main(run_args(images, feat, str(tmp_path / "vae")))
+    exp = train.main(train.parse_args(["--config", os.path.join(ROOT, "configs/tiny_latent.yaml"),
+                                       "--feature-path", str(feat), "--results-dir", str(tmp_path / "r"),
+                                       "--max-steps", "2"]))
+    ckpt = load(f"{exp}/checkpoints/0000002.pt")
+    assert ckpt["model_config"]["in_channels"] == 4 and ckpt["model_config"]["input_size"] == 8
+    assert ckpt["vae"] == str(tmp_path / "vae") and ckpt["latent_scale"] == pytest.approx(0.18215)
+    with pytest.raises(ValueError, match="extracted from 16px images but --image-size is 32"):
+        train.main(train.parse_args(["--config", os.path.join(ROOT, "configs/tiny_latent.yaml"),
+                                     "--feature-path", str(feat), "--image-size", "32"]))
+
+
+def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, images):
+    common = ["--data-path", images, "--global-batch-size", 8, "--max-steps", 3, "--ckpt-every", 100]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(ROOT, "train.py"), "--config", TINY, "--results-dir", str(tmp_path / "ddp"),
+                    *map(str, common)], check=True, env=env, cwd=ROOT, timeout=240)
+    single = run(*common, "--results-dir", tmp_path / "one")
+    a = load(f"{tmp_path}/ddp/000-DiT-custom/checkpoints/0000003.pt")
+    b = load(f"{single}/checkpoints/0000003.pt")
+    # Same samples, t, noise and label drops per step; only the gradient all-reduce sums in another
+    # order, so weights agree to float32 rounding (Adam steps are ~lr = 1e-4 per element).
+    assert_same_tensors(a["model"], b["model"], atol=1e-6)
+    assert_same_tensors(a["ema"], b["ema"], atol=1e-6)
+    loss_ddp = [json.loads(line)["loss"] for line in open(f"{tmp_path}/ddp/000-DiT-custom/metrics.jsonl")]
+    loss_one = [json.loads(line)["loss"] for line in open(f"{single}/metrics.jsonl")]
+    np.testing.assert_allclose(loss_ddp, loss_one, rtol=1e-5)
