@@ -1,0 +1,160 @@
+"""Per-sample MSE loss weightings from the MTL view of diffusion (paper Table 2): vanilla, Min-SNR, P2, ANT-UW.
+
+Each weighting maps the per-sample MSE (N,) and timesteps t (N,) to a weighted per-sample loss (N,).
+Only the MSE term is weighted; GaussianDiffusion adds the VB term unweighted.
+snr(t) = alpha_bar_t / (1 - alpha_bar_t).
+"""
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .timestep_sampler import StratifiedTimestepSampler, UniformTimestepSampler, cluster_index
+
+WEIGHTINGS = ("vanilla", "min-snr", "p2", "ant-uw")
+PREDICTIONS = ("epsilon", "x_start", "velocity")
+
+
+def snr_from_alphas_cumprod(alphas_cumprod):
+    """snr_t = alpha_bar_t / (1 - alpha_bar_t) as a float64 tensor (Kingma et al. 2021)."""
+    alphas_cumprod = torch.as_tensor(np.asarray(alphas_cumprod), dtype=torch.float64)
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def _check_positive(name, value):
+    """Reject non-positive hyperparameters with a message naming the flag."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+class LossWeighting(nn.Module):
+    """Vanilla weighting: loss = mse (DDPM's simple loss). Base class; holds the snr table."""
+
+    def __init__(self, alphas_cumprod):
+        super().__init__()
+        # non-persistent: derived from the schedule, so checkpoints only carry learnable state
+        self.register_buffer("snr", snr_from_alphas_cumprod(alphas_cumprod), persistent=False)
+
+    @property
+    def num_timesteps(self):
+        return self.snr.shape[0]
+
+    def weights(self, t):
+        """(N,) per-sample weight of the MSE term; 1 for vanilla."""
+        return torch.ones(t.shape, dtype=torch.float64, device=t.device)
+
+    def forward(self, mse, t):
+        """Weighted per-sample loss (N,) from per-sample mse (N,) at timesteps t (N,)."""
+        _check_per_sample(mse, t)
+        return self.weights(t).to(mse.dtype) * mse
+
+    def timestep_sampler(self):
+        """The training timestep sampler this weighting expects (uniform unless stated otherwise)."""
+        return UniformTimestepSampler(self.num_timesteps)
+
+    def param_groups(self):
+        """Extra optimizer param groups for learnable weighting state; none here."""
+        return []
+
+    def all_reduce_gradients(self):
+        """Average learnable weighting gradients over DDP ranks; nothing to do without parameters."""
+
+
+class MinSNRWeighting(LossWeighting):
+    """Min-SNR-gamma (Hang et al. 2023, Eq. 8 and Sec. 3.4): the x0-loss weight min(snr, gamma), in the prediction's units."""
+
+    def __init__(self, alphas_cumprod, prediction="epsilon", gamma=5.0):
+        super().__init__(alphas_cumprod)
+        _check_positive("min_snr_gamma", gamma)
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+        self.prediction, self.gamma = prediction, float(gamma)
+
+    def weights(self, t):
+        snr = self.snr.to(t.device)[t]
+        clipped = torch.clamp(snr, max=self.gamma)
+        # ||x0 - x0_hat||^2 = ||eps - eps_hat||^2 / snr = ||v - v_hat||^2 / (snr + 1), so each
+        # target's weight is min(snr, gamma) rescaled into that target's units
+        if self.prediction == "epsilon":
+            return clipped / snr
+        if self.prediction == "x_start":
+            return clipped
+        return clipped / (snr + 1.0)
+
+
+class P2Weighting(LossWeighting):
+    """Perception-prioritised weighting (Choi et al. 2022, Eq. 8): weight 1 / (k + snr)^gamma per sample."""
+
+    def __init__(self, alphas_cumprod, k=1.0, gamma=1.0):
+        super().__init__(alphas_cumprod)
+        _check_positive("p2_k", k)
+        _check_positive("p2_gamma", gamma)
+        self.k, self.gamma = float(k), float(gamma)
+
+    def weights(self, t):
+        # indexed per sample, so the weight is (N,): the authors' release broadcast it over the width axis
+        return 1.0 / (self.k + self.snr.to(t.device)[t]) ** self.gamma
+
+
+class ANTUncertaintyWeighting(LossWeighting):
+    """ANT-UW (Go et al. 2023; Kendall et al. 2018): K timestep clusters, loss 0.5 * (exp(-s_k) L_k + s_k).
+
+    s_k = log sigma_k^2 is learnable, initialised at 0. L_k is the mean MSE of the batch samples in
+    cluster k. The per-sample losses are scaled so their batch mean is the average over the clusters
+    present in the batch: mean_i loss_i = (1/K) sum_k 0.5 * (exp(-s_k) L_k + s_k), whatever the
+    cluster counts (each sample of cluster k carries N / (K n_k)).
+    """
+
+    def __init__(self, alphas_cumprod, num_clusters=8, lr=0.025):
+        super().__init__(alphas_cumprod)
+        if not isinstance(num_clusters, int) or not 1 <= num_clusters <= self.num_timesteps:
+            raise ValueError(f"ant_num_clusters must be an int in [1, {self.num_timesteps}], got {num_clusters!r}")
+        _check_positive("ant_lr", lr)
+        self.num_clusters, self.lr = num_clusters, float(lr)
+        self.log_vars = nn.Parameter(torch.zeros(num_clusters))  # s_k
+
+    def cluster_index(self, t):
+        """(N,) cluster id of each timestep, floor(t K / T)."""
+        return cluster_index(t, self.num_timesteps, self.num_clusters)
+
+    def forward(self, mse, t):
+        _check_per_sample(mse, t)
+        k = self.cluster_index(t)
+        n_k = torch.bincount(k, minlength=self.num_clusters)  # (K,) samples per cluster in this batch
+        share = mse.shape[0] / (self.num_clusters * n_k[k].to(mse.dtype))  # (N,) N / (K n_k)
+        s = self.log_vars.to(mse.dtype)[k]
+        return share * 0.5 * (torch.exp(-s) * mse + s)
+
+    def timestep_sampler(self):
+        return StratifiedTimestepSampler(self.num_timesteps, self.num_clusters)
+
+    def param_groups(self):
+        # own group: higher lr, and no weight decay (AdamW's default 0.01 would pull s_k to 0)
+        return [{"params": [self.log_vars], "lr": self.lr, "weight_decay": 0.0}]
+
+    def all_reduce_gradients(self):
+        # s_k lives outside the DDP-wrapped model, so DDP does not average its gradient for us
+        if dist.is_available() and dist.is_initialized() and self.log_vars.grad is not None:
+            dist.all_reduce(self.log_vars.grad, op=dist.ReduceOp.SUM)
+            self.log_vars.grad /= dist.get_world_size()
+
+
+def build_loss_weighting(name, alphas_cumprod, prediction="epsilon", min_snr_gamma=5.0, p2_k=1.0,
+                         p2_gamma=1.0, ant_num_clusters=8, ant_lr=0.025):
+    """The weighting module called `name` (one of WEIGHTINGS) for a schedule's alphas_cumprod."""
+    if name == "vanilla":
+        return LossWeighting(alphas_cumprod)
+    if name == "min-snr":
+        return MinSNRWeighting(alphas_cumprod, prediction=prediction, gamma=min_snr_gamma)
+    if name == "p2":
+        return P2Weighting(alphas_cumprod, k=p2_k, gamma=p2_gamma)
+    if name == "ant-uw":
+        return ANTUncertaintyWeighting(alphas_cumprod, num_clusters=ant_num_clusters, lr=ant_lr)
+    raise ValueError(f"unknown loss_weighting {name!r}; expected one of {WEIGHTINGS}")
+
+
+def _check_per_sample(mse, t):
+    """Weights are per sample: mse and t must both be (N,)."""
+    if mse.dim() != 1 or t.shape != mse.shape:
+        raise ValueError(f"expected per-sample mse (N,) and t (N,), got {tuple(mse.shape)} and {tuple(t.shape)}")
