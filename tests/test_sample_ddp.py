@@ -117,6 +117,15 @@ def test_batch_size_changes_samples_only_by_float_rounding(ckpt):
     torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-4)  # batched matmuls round differently
 
 
+def test_labels_change_the_samples(ckpt):
+    model, settings = load_checkpoint(ckpt)
+    diffusion = create_diffusion("ddim3", **settings.diffusion_config)
+    a = generate(model, diffusion, "ddim", [0, 1], torch.tensor([2, 2]), 0, cfg_scale=4.0)
+    b = generate(model, diffusion, "ddim", [0, 1], torch.tensor([2, 5]), 0, cfg_scale=4.0)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)  # sample 0 is the same (seed, index, label)
+    assert (a[1] - b[1]).abs().max() > 1e-3
+
+
 def test_ancestral_step_equals_diffusion_p_sample_given_the_same_noise(ckpt):
     model, _ = load_checkpoint(ckpt)
     diffusion = create_diffusion("10")

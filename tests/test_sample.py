@@ -1,0 +1,98 @@
+"""sample.py: grid layout and labels, agreement with sample_ddp.py, settings from the checkpoint, bad input."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import sample_ddp
+from models import DiT
+
+TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2)
+
+
+def save_tiny(path, num_classes=10, in_channels=1):
+    """A tiny DiT (random output layers) saved in train.py's checkpoint format."""
+    torch.manual_seed(0)
+    model = DiT(in_channels=in_channels, num_classes=num_classes, routing="dtr", **TINY)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "args": {},
+                "model_config": {"model": "tiny", **model.config},
+                "diffusion_config": {"noise_schedule": "linear", "learn_sigma": True},
+                "vae": "none", "image_size": 8, "latent_scale": 0.18215}, path)
+    return str(path)
+
+
+def draw(ckpt, out, *flags):
+    sample.main(sample.build_parser().parse_args(
+        ["--ckpt", ckpt, "--out", str(out), "--num-sampling-steps", "3", *flags]))
+    return np.asarray(Image.open(out))
+
+
+def tile(grid, row, col, size=8, pad=2):
+    """Image (row, col) of a torchvision make_grid picture."""
+    top, left = pad + row * (size + pad), pad + col * (size + pad)
+    return grid[top:top + size, left:left + size]
+
+
+def test_few_class_model_defaults_to_one_grayscale_row_per_class(tmp_path):
+    grid = draw(save_tiny(tmp_path / "c.pt"), tmp_path / "grid.png")
+    assert grid.dtype == np.uint8 and grid.ndim == 2  # 1-channel model: a grayscale PNG
+    assert grid.shape == (2 + 10 * 10, 2 + 8 * 10)  # 10 classes x 8 samples, 8 px tiles, 2 px padding
+
+
+def test_grid_labels_default_to_official_classes_and_rows_per_class():
+    labels, nrow = sample.grid_labels(None, None, 1000)
+    assert labels.tolist() == [207, 360, 387, 974, 88, 979, 417, 279] and nrow == 4  # official DiT grid
+    labels, nrow = sample.grid_labels([3, 1], 2, 10)
+    assert labels.tolist() == [3, 3, 1, 1] and nrow == 2
+
+
+def test_unconditional_grid_tiles_equal_sample_ddp_samples(tmp_path):
+    ckpt = save_tiny(tmp_path / "u.pt", num_classes=1)
+    grid = draw(ckpt, tmp_path / "grid.png", "--samples-per-class", "4", "--seed", "3")
+    sample_ddp.main(sample_ddp.build_parser().parse_args(
+        ["--ckpt", ckpt, "--sample-dir", str(tmp_path), "--num-fid-samples", "4", "--num-sampling-steps", "3",
+         "--global-seed", "3"]))
+    (npz,) = [f for f in os.listdir(tmp_path) if f.endswith(".npz")]
+    with np.load(tmp_path / npz) as f:
+        images = f["arr_0"]
+    # image i depends only on (seed, i): the grid's 2x2 tiles are sample_ddp's samples 0..3
+    for i in range(4):
+        np.testing.assert_array_equal(tile(grid, i // 2, i % 2), images[i, ..., 0])
+
+
+def test_grid_tiles_equal_balanced_sample_ddp_samples_and_cfg_changes_them(tmp_path):
+    ckpt = save_tiny(tmp_path / "c.pt")
+    guided = draw(ckpt, tmp_path / "a.png", "--class-labels", "0", "1", "2", "3", "--cfg-scale", "4")
+    plain = draw(ckpt, tmp_path / "b.png", "--class-labels", "0", "1", "2", "3", "--cfg-scale", "1")
+    assert not np.array_equal(guided, plain)
+    sample_ddp.main(sample_ddp.build_parser().parse_args(
+        ["--ckpt", ckpt, "--sample-dir", str(tmp_path), "--num-fid-samples", "4", "--num-sampling-steps", "3",
+         "--cfg-scale", "4", "--balanced-classes"]))
+    (npz,) = [f for f in os.listdir(tmp_path) if f.endswith(".npz")]
+    with np.load(tmp_path / npz) as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert labels.tolist() == [0, 1, 2, 3]  # balanced: label i = i mod num_classes
+    for i in range(4):  # grid tile i: class i, noise of (seed 0, i), 4 tiles in one official-width row
+        np.testing.assert_array_equal(tile(guided, 0, i), images[i, ..., 0])
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    ckpt = save_tiny(tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=r"--class-labels \[10, 12\] outside \[0, 10\)"):
+        draw(ckpt, tmp_path / "x.png", "--class-labels", "1", "10", "12")
+    with pytest.raises(ValueError, match="--model DiT-XL/2 conflicts with the checkpoint's model 'tiny'"):
+        draw(ckpt, tmp_path / "x.png", "--model", "DiT-XL/2")
+    with pytest.raises(ValueError, match="--vae ema conflicts with the checkpoint's vae 'none'"):
+        draw(ckpt, tmp_path / "x.png", "--vae", "ema")
+    uncond = save_tiny(tmp_path / "u.pt", num_classes=1)
+    with pytest.raises(ValueError, match="--cfg-scale 4.0 given, but the model is unconditional"):
+        draw(uncond, tmp_path / "x.png", "--cfg-scale", "4")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        draw(str(tmp_path / "nope.pt"), tmp_path / "x.png")
+    assert not os.path.exists(tmp_path / "x.png")
