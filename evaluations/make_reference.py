@@ -1,0 +1,67 @@
+"""Build an ADM-format reference batch (arr_0 images, mu, sigma, mu_s, sigma_s) from a dataset.
+
+python -m evaluations.make_reference --dataset imagenet --data-path /data/imagenet/train --image-size 256 \
+    --num-images 10000 --output VIRTUAL_imagenet256.npz
+"""
+import argparse
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from PIL import Image
+
+from evaluations.batch_npz import as_rgb_images, write_npz_atomic
+from evaluations.image_sources import find_fashion_mnist_images, list_image_files, load_image, read_idx
+from evaluations.inception import InceptionFeatures
+from evaluations.metrics import feature_statistics
+
+
+def load_reference_images(dataset, data_path, image_size, num_images, seed, split="train"):
+    """uint8 (N, H, W, 3) reference images; a seeded random subset when num_images is smaller than the dataset."""
+    rng = np.random.default_rng(seed)
+    if dataset == "fashion-mnist":
+        images = read_idx(find_fashion_mnist_images(data_path, split))  # (N, 28, 28) uint8
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise ValueError(f"Fashion-MNIST images must be uint8 (N, 28, 28), got {images.dtype} {images.shape}")
+        if num_images and num_images < len(images):
+            images = images[np.sort(rng.choice(len(images), num_images, replace=False))]
+        if image_size and image_size != images.shape[1]:
+            images = np.stack([np.array(Image.fromarray(x).resize((image_size,) * 2, Image.BICUBIC)) for x in images])
+        return as_rgb_images(images, data_path)  # grayscale repeated to 3 channels for Inception
+    # imagenet, ffhq, folder: every image under data_path, ADM's center crop
+    files = list_image_files(data_path)
+    if num_images and num_images < len(files):
+        files = [files[i] for i in np.sort(rng.choice(len(files), num_images, replace=False))]
+    return np.stack([load_image(f, image_size) for f in tqdm(files, desc="Loading images")])
+
+
+def main(args):
+    """Write the reference npz, with Inception statistics unless --no-statistics."""
+    image_size = args.image_size or (None if args.dataset == "fashion-mnist" else 256)
+    images = load_reference_images(args.dataset, args.data_path, image_size, args.num_images, args.seed, args.split)
+    arrays = {"arr_0": images}
+    if not args.no_statistics:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        inception = InceptionFeatures(args.inception_weights, device=device)
+        features = inception.extract(images, args.batch_size, desc="Reference features")
+        arrays["mu"], arrays["sigma"] = feature_statistics(features["pool_3"])
+        arrays["mu_s"], arrays["sigma_s"] = feature_statistics(features["spatial"])
+    write_npz_atomic(args.output, **arrays)
+    print(f"Saved {images.shape} reference batch to {args.output}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", type=str, choices=["imagenet", "ffhq", "folder", "fashion-mnist"], required=True)
+    parser.add_argument("--data-path", type=str, required=True,
+                        help="image folder, or Fashion-MNIST folder / IDX file (e.g. /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--output", type=str, required=True)
+    parser.add_argument("--image-size", type=int, default=None, help="default 256 (folders), native 28 (fashion-mnist)")
+    parser.add_argument("--num-images", type=int, default=None, help="random subset size (default: all)")
+    parser.add_argument("--split", type=str, choices=["train", "t10k"], default="train", help="Fashion-MNIST split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-statistics", action="store_true", help="write arr_0 only (no Inception weights needed)")
+    parser.add_argument("--inception-weights", type=str, default=None)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
+    main(parser.parse_args())

@@ -1,0 +1,97 @@
+"""Pins evaluations/evaluator.py end to end on tiny batches: output lines, JSON, reference cache, statistics.
+
+frechet_distance itself is pinned in test_metrics.py; here it is replaced by a cheap distance that is zero
+exactly when the statistics agree, because scipy's sqrtm at 2048 dimensions takes minutes on 2 shared cores.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch_fidelity", reason="torch-fidelity (eval extra) is not installed")
+
+from evaluations import evaluator  # noqa: E402
+from evaluations.inception import InceptionFeatures  # noqa: E402
+
+N_IMAGES = 10
+
+
+def statistics_gap(mu1, sigma1, mu2, sigma2):
+    """Zero iff both statistics agree; records nothing, costs nothing."""
+    return float(np.sum((mu1 - mu2) ** 2) + np.sum(np.abs(sigma1 - sigma2)))
+
+
+@pytest.fixture(scope="module")
+def inception():
+    try:
+        return InceptionFeatures()
+    except FileNotFoundError as error:
+        pytest.skip(f"no Inception weights on this machine: {error}")
+
+
+@pytest.fixture(autouse=True)
+def cheap_frechet(monkeypatch):
+    monkeypatch.setattr(evaluator, "frechet_distance", statistics_gap)
+
+
+def write_images(path, seed, n=N_IMAGES, size=16):
+    np.savez(path, arr_0=np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+    return str(path)
+
+
+def test_main_prints_five_metrics_and_writes_json_then_reuses_the_reference_cache(tmp_path, monkeypatch,
+                                                                                  capsys, inception):
+    ref, sample = write_images(tmp_path / "ref.npz", 0), write_images(tmp_path / "sample.npz", 1)
+    monkeypatch.setattr(evaluator, "InceptionFeatures", lambda *args, **kwargs: inception)
+    evaluator.main(argparse.Namespace(ref_batch=ref, sample_batch=sample, inception_weights=None,
+                                      batch_size=5, device="cpu", output=None))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == list(evaluator.METRIC_NAMES)
+    saved = json.loads((tmp_path / "sample.metrics.json").read_text())
+    for line in lines:
+        name, value = line.split(": ", 1)
+        if name == "Inception Score" and not inception.has_logits:
+            assert value.startswith("unavailable (") and saved[name] is None and "logits" in saved["unavailable"][name]
+        else:
+            assert float(value) == saved[name]
+    assert saved["FID"] > 0 and saved["sFID"] > 0
+    assert 0 <= saved["Precision"] <= 1 and 0 <= saved["Recall"] <= 1
+    if inception.has_logits:
+        assert 1 <= saved["Inception Score"] <= 1008
+
+    # The reference's features are cached beside it: a second run only looks at the sample.
+    assert os.path.isfile(evaluator.reference_cache_path(ref))
+    calls = []
+    extract = inception.extract
+    monkeypatch.setattr(inception, "extract", lambda images, *a, **k: calls.append(len(images)) or extract(images, *a, **k))
+    metrics, _ = evaluator.evaluate(ref, sample, inception, batch_size=5)
+    assert calls == [N_IMAGES] and all(metrics[k] == saved[k] for k in evaluator.METRIC_NAMES)
+    # A changed reference file invalidates its cache.
+    os.utime(ref, ns=(0, 0))
+    evaluator.reference_features(ref, np.load(ref)["arr_0"], inception, batch_size=5)
+    assert calls == [N_IMAGES, N_IMAGES]
+
+
+def test_identical_batches_give_zero_distances_and_full_precision_recall(tmp_path, inception):
+    ref, sample = write_images(tmp_path / "ref.npz", 2), write_images(tmp_path / "sample.npz", 2)
+    metrics, _ = evaluator.evaluate(ref, sample, inception, batch_size=5)
+    assert metrics["FID"] == pytest.approx(0, abs=1e-6) and metrics["sFID"] == pytest.approx(0, abs=1e-6)
+    assert metrics["Precision"] == 1.0 and metrics["Recall"] == 1.0
+
+
+def test_reference_statistics_are_read_as_they_are(tmp_path, inception):
+    # An ADM reference batch with statistics only: FID and sFID use them; precision/recall need images.
+    rng = np.random.default_rng(3)
+    stats = {"mu": rng.standard_normal(2048), "sigma": np.eye(2048),
+             "mu_s": rng.standard_normal(2023), "sigma_s": 2 * np.eye(2023)}
+    np.savez(tmp_path / "ref.npz", **stats)
+    sample = write_images(tmp_path / "sample.npz", 4)
+    metrics, unavailable = evaluator.evaluate(str(tmp_path / "ref.npz"), sample, inception, batch_size=5)
+    features = inception.extract(np.load(sample)["arr_0"], 5)
+    expected = statistics_gap(*evaluator.feature_statistics(features["pool_3"]), stats["mu"], stats["sigma"])
+    assert metrics["FID"] == pytest.approx(expected, rel=1e-9)
+    assert metrics["Precision"] is None and "no images" in unavailable["Recall"]
+    text = evaluator.format_metrics(metrics, unavailable)
+    assert "Precision: unavailable (" in text and f"FID: {metrics['FID']}" in text

@@ -1,0 +1,63 @@
+"""Pins evaluations/make_reference.py: Fashion-MNIST and image-folder reference batches in ADM format."""
+import argparse
+import gzip
+import importlib.util
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluations import make_reference
+from evaluations.batch_npz import read_batch
+
+
+def write_idx(path, array):
+    """gzipped uint8 IDX file: magic (0, 0, 0x08, ndim), big-endian dims, raw bytes."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def args_for(**overrides):
+    defaults = dict(dataset="fashion-mnist", data_path=None, output=None, image_size=None, num_images=None,
+                    split="t10k", seed=0, no_statistics=True, inception_weights=None, batch_size=50, device="cpu")
+    return argparse.Namespace(**{**defaults, **overrides})
+
+
+def test_fashion_mnist_reference_is_a_seeded_rgb_subset(tmp_path):
+    gray = np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", gray)
+    make_reference.main(args_for(data_path=str(tmp_path), output=str(tmp_path / "ref.npz"), num_images=6))
+    images = read_batch(str(tmp_path / "ref.npz"))["images"]
+    assert images.shape == (6, 28, 28, 3) and (images[..., 0] == images[..., 2]).all()
+    rows = [int(np.flatnonzero((gray == img[..., 0]).all(axis=(1, 2)))[0]) for img in images]
+    assert rows == sorted(rows) and len(set(rows)) == 6  # a sorted subset without repeats
+    make_reference.main(args_for(data_path=str(tmp_path), output=str(tmp_path / "again.npz"), num_images=6))
+    assert (read_batch(str(tmp_path / "again.npz"))["images"] == images).all()  # same seed, same subset
+
+
+def test_missing_fashion_mnist_split_names_the_expected_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+        make_reference.main(args_for(data_path=str(tmp_path), output=str(tmp_path / "ref.npz")))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is None, reason="torch-fidelity is not installed")
+def test_folder_reference_with_statistics_matches_evaluator_statistics(tmp_path):
+    from evaluations.evaluator import reference_features
+    from evaluations.inception import InceptionFeatures
+    rng = np.random.default_rng(1)
+    (tmp_path / "images").mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    try:
+        inception = InceptionFeatures()
+    except FileNotFoundError as error:
+        pytest.skip(f"no Inception weights: {error}")
+    make_reference.main(args_for(dataset="folder", data_path=str(tmp_path / "images"), image_size=16,
+                                 output=str(tmp_path / "ref.npz"), no_statistics=False))
+    batch = read_batch(str(tmp_path / "ref.npz"))
+    assert batch["images"].shape == (5, 16, 16, 3)
+    computed = reference_features(str(tmp_path / "ref.npz"), batch["images"], inception, batch_size=5)
+    for key in ("mu", "sigma", "mu_s", "sigma_s"):
+        np.testing.assert_allclose(batch[key], computed[key], rtol=1e-5, atol=1e-6)
