@@ -141,9 +141,9 @@ def main(args):
     """Sample the shards this process owns, then (rank 0) join all shards into one .npz."""
     if args.num_fid_samples < 1:
         raise ValueError(f"--num-fid-samples must be >= 1, got {args.num_fid_samples}")
-    if args.shard_size < 1 or args.per_proc_batch_size < 1:
-        raise ValueError(f"--shard-size and --per-proc-batch-size must be >= 1, got "
-                         f"{args.shard_size} and {args.per_proc_batch_size}")
+    for flag in ("shard_size", "per_proc_batch_size", "num_sampling_steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     distributed = "WORLD_SIZE" in os.environ  # set by torchrun; a plain process runs alone
     if distributed:
         # nccl needs GPUs; gloo runs anywhere (CPU tests, GPU-less nodes).

@@ -214,7 +214,20 @@ def test_bad_inputs_give_clear_errors(ckpt, tmp_path):
         load_checkpoint(ckpt, {"routing": "none"})
     with pytest.raises(ValueError, match="--num-fid-samples must be >= 1, got 0"):
         run(ckpt, tmp_path, "--num-fid-samples", "0")
+    with pytest.raises(ValueError, match="--per-proc-batch-size must be >= 1, got 0"):
+        run(ckpt, tmp_path, "--per-proc-batch-size", "0")
     uncond = save_ours(tmp_path / "uncond.pt", tiny_model(num_classes=1))
     with pytest.raises(ValueError, match="--cfg-scale 1.5 given, but the model is unconditional"):
         run(uncond, tmp_path, "--cfg-scale", "1.5")
     assert not any(f.endswith(".npz") for f in os.listdir(tmp_path))
+
+
+def test_save_png_writes_every_sample_as_in_the_npz(ckpt, tmp_path):
+    from PIL import Image
+    out = run(ckpt, tmp_path, "--save-png", "--mixed-precision", "bf16")
+    with np.load(out) as f:
+        images = f["arr_0"]
+    png_dir = os.path.join(out[: -len(".npz")] + ".shards", "png")
+    assert sorted(os.listdir(png_dir)) == [f"{i:06d}.png" for i in range(10)]
+    for i in range(10):
+        np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(png_dir, f"{i:06d}.png"))), images[i, ..., 0])
