@@ -50,8 +50,11 @@ NOISE_SCHEDULES = ("squaredcos_cap_v2", "linear")
 def update_ema(ema_model, model, decay=0.9999):
     """Step the EMA of the parameters towards the current model (App. C: EMA over parameters)."""
     ema_params = OrderedDict(ema_model.named_parameters())
-    for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+    pairs = [(ema_params[name], param.detach()) for name, param in model.named_parameters()]
+    ema_list, param_list = [e for e, _ in pairs], [p for _, p in pairs]
+    # official DiT's ema.mul_(decay).add_(param, alpha=1 - decay), batched over all tensors at once
+    torch._foreach_mul_(ema_list, decay)
+    torch._foreach_add_(ema_list, param_list, alpha=1 - decay)
 
 
 def requires_grad(model, flag=True):
@@ -308,8 +311,9 @@ def train(args, rank, world_size, device):
     diffusion = create_diffusion(**diffusion_config)
     weighting = diffusion.loss_weighting.to(device)
     timestep_sampler = diffusion.timestep_sampler  # uniform; stratified over timestep clusters for ANT-UW
+    # fused AdamW: one kernel per tensor instead of ~10 (on CPU ~20x faster than the default loop)
     opt = torch.optim.AdamW([{"params": list(model.parameters())}, *weighting.param_groups()],
-                            lr=args.lr, weight_decay=0)
+                            lr=args.lr, weight_decay=0, fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
 
