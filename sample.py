@@ -66,7 +66,7 @@ def main(args):
 
     labels, nrow = grid_labels(args.class_labels, args.samples_per_class, model.num_classes)
     samples = generate(model, diffusion, args.sampler, list(range(len(labels))), labels, args.seed, cfg_scale,
-                       args.guide_channels, args.mixed_precision, progress=True)
+                       args.guide_channels, args.mixed_precision, progress=True, clip_denoised=vae is None)
     images = torch.from_numpy(to_uint8(samples, vae, settings.latent_scale)).permute(0, 3, 1, 2)  # (N, C, H, W)
     grid = make_grid(images, nrow=nrow, padding=2).permute(1, 2, 0).numpy()  # (H', W', 3) uint8
     # make_grid repeats one channel to three; 1-channel models (Fashion-MNIST) are saved as grayscale

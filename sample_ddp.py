@@ -196,7 +196,7 @@ def main(args):
             indices = list(range(first, min(first + args.per_proc_batch_size, stop)))
             y = class_labels(indices, model.num_classes, args.global_seed, args.balanced_classes)
             samples = generate(model, diffusion, args.sampler, indices, y, args.global_seed, cfg_scale,
-                               args.guide_channels, args.mixed_precision)
+                               args.guide_channels, args.mixed_precision, clip_denoised=vae is None)
             images.append(to_uint8(samples, vae, settings.latent_scale))  # (B, H, W, C)
             labels.append(y.numpy())
             bar.update(len(indices))

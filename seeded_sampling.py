@@ -8,7 +8,6 @@ batched model forward.
 """
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from diffusion.guidance import ClassifierFreeGuidance
 
@@ -73,39 +72,23 @@ def model_function(model, cfg_scale, guide_channels, mixed_precision):
     return ClassifierFreeGuidance(model_fn, cfg_scale, {"y": torch.tensor(model.num_classes)}, guide_channels)
 
 
-def ancestral_step(diffusion, model_fn, x, t, noise, model_kwargs):
-    """x_{t-1} = mu + sigma z with z given (DDPM Alg. 2), i.e. diffusion.p_sample with the noise passed in.
-
-    diffusion.p_sample draws z with torch.randn_like, one stream for the whole batch; per-sample
-    determinism needs z from each sample's generator, so the step is taken here from p_mean_variance.
-    """
-    out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=False, model_kwargs=model_kwargs)
-    nonzero_mask = (t != 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (N, 1, ..., 1): no noise at t = 0
-    return out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
-
-
 @torch.no_grad()
 def generate(model, diffusion, sampler, indices, labels, global_seed, cfg_scale=1.0, guide_channels="all",
-             mixed_precision="no", progress=False):
-    """Samples (N, C, H, W) in model space for global sample indices and their labels (DDPM, or DDIM eta=0)."""
+             mixed_precision="no", progress=False, clip_denoised=False):
+    """Samples (N, C, H, W) in model space for global sample indices and their labels (DDPM, or DDIM eta=0).
+
+    clip_denoised clips the predicted x_0 to [-1, 1]: right for pixel models, wrong for VAE latents.
+    """
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown sampler {sampler!r}; expected ddpm or ddim")
     device = next(model.parameters()).device
     model_fn = model_function(model, cfg_scale, guide_channels, mixed_precision)
     noise = PerSampleNoise(indices, global_seed, device)
     shape = (len(indices), model.in_channels, model.input_size, model.input_size)
-    y = labels.to(device)
-    x = noise(shape)  # (N, C, H, W), the start noise x_T
-    if sampler == "ddim":
-        # eta = 0: deterministic given x_T, so no per-step noise is needed
-        x = diffusion.ddim_sample_loop(model_fn, shape, noise=x, clip_denoised=False, model_kwargs={"y": y},
-                                       device=device, progress=progress, eta=0.0)
-    elif sampler == "ddpm":
-        steps = range(diffusion.num_timesteps - 1, -1, -1)
-        for i in tqdm(steps, leave=False) if progress else steps:
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            x = ancestral_step(diffusion, model_fn, x, t, noise(shape), {"y": y})
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}; expected ddpm or ddim")
-    return x
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    # x_T and every step's noise come from each sample's own generator (DDIM with eta = 0 uses none)
+    return loop(model_fn, shape, noise=noise(shape), clip_denoised=clip_denoised, model_kwargs={"y": labels.to(device)},
+                device=device, progress=progress, noise_fn=lambda x: noise(x.shape))
 
 
 def parse_guide_channels(value):

@@ -182,7 +182,7 @@ class GaussianDiffusion:
     #   Reverse process p                                                #
     # ------------------------------------------------------------------ #
 
-    def p_mean_variance(self, model, x, t, clip_denoised=False, denoised_fn=None, model_kwargs=None):
+    def p_mean_variance(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
         """Mean, variance, log variance and predicted x_0 of p(x_{t-1} | x_t) (improved DDPM Sec. 3.1)."""
         model_output = self._run_model(model, x, t, model_kwargs)
         extra = None
@@ -247,36 +247,42 @@ class GaussianDiffusion:
     #   DDPM ancestral sampling                                          #
     # ------------------------------------------------------------------ #
 
-    def p_sample(self, model, x, t, clip_denoised=False, denoised_fn=None, cond_fn=None, model_kwargs=None):
-        """One ancestral step x_{t-1} ~ p(x_{t-1} | x_t); no noise is added at t = 0 (DDPM Alg. 2)."""
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+                 noise_fn=None):
+        """One ancestral step x_{t-1} ~ p(x_{t-1} | x_t); no noise is added at t = 0 (DDPM Alg. 2).
+
+        noise_fn(x) -> z like x replaces torch.randn_like, e.g. to draw each sample's noise from its own
+        generator so that a sample does not depend on the batch it was drawn in.
+        """
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                    model_kwargs=model_kwargs)
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        noise = torch.randn_like(x)
+        noise = noise_fn(x) if noise_fn is not None else torch.randn_like(x)
         nonzero_mask = (t != 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (N, 1, ..., 1)
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=False, denoised_fn=None, cond_fn=None,
-                      model_kwargs=None, device=None, progress=False):
+    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                      model_kwargs=None, device=None, progress=False, noise_fn=None):
         """Sample x_0 by running all num_timesteps ancestral steps; returns the final sample."""
         final = None
         for out in self.p_sample_loop_progressive(model, shape, noise=noise, clip_denoised=clip_denoised,
                                                   denoised_fn=denoised_fn, cond_fn=cond_fn,
-                                                  model_kwargs=model_kwargs, device=device, progress=progress):
+                                                  model_kwargs=model_kwargs, device=device, progress=progress,
+                                                  noise_fn=noise_fn):
             final = out
         return final["sample"]
 
-    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=False, denoised_fn=None,
-                                  cond_fn=None, model_kwargs=None, device=None, progress=False):
+    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                                  cond_fn=None, model_kwargs=None, device=None, progress=False, noise_fn=None):
         """Yield each step's {"sample", "pred_xstart"} from t = T-1 down to 0."""
         img, device = self._initial_noise(model, shape, noise, device)
         for i in self._reverse_indices(progress):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             with torch.no_grad():
                 out = self.p_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                    cond_fn=cond_fn, model_kwargs=model_kwargs)
+                                    cond_fn=cond_fn, model_kwargs=model_kwargs, noise_fn=noise_fn)
             yield out
             img = out["sample"]
 
@@ -284,8 +290,8 @@ class GaussianDiffusion:
     #   DDIM sampling                                                    #
     # ------------------------------------------------------------------ #
 
-    def ddim_sample(self, model, x, t, clip_denoised=False, denoised_fn=None, cond_fn=None, model_kwargs=None,
-                    eta=0.0):
+    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+                    eta=0.0, noise_fn=None):
         """One DDIM step from x_t to the previous kept timestep (DDIM Eq. 12, sigma from Eq. 16)."""
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                    model_kwargs=model_kwargs)
@@ -300,10 +306,11 @@ class GaussianDiffusion:
         mean_pred = (out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
                      + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps)
         nonzero_mask = (t != 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (N, 1, ..., 1)
-        sample = mean_pred + nonzero_mask * sigma * torch.randn_like(x)
+        noise = noise_fn(x) if noise_fn is not None else torch.randn_like(x)
+        sample = mean_pred + nonzero_mask * sigma * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_reverse_sample(self, model, x, t, clip_denoised=False, denoised_fn=None, model_kwargs=None,
+    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None,
                             eta=0.0):
         """Deterministic DDIM step forward in time, x_t -> x_{t+1} (DDIM Sec. 4.3, ODE inversion)."""
         if eta != 0.0:
@@ -315,19 +322,20 @@ class GaussianDiffusion:
         sample = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=False, denoised_fn=None, cond_fn=None,
-                         model_kwargs=None, device=None, progress=False, eta=0.0):
+    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                         model_kwargs=None, device=None, progress=False, eta=0.0, noise_fn=None):
         """Sample x_0 with DDIM over this process's num_timesteps steps (one model call each)."""
         final = None
         for out in self.ddim_sample_loop_progressive(model, shape, noise=noise, clip_denoised=clip_denoised,
                                                      denoised_fn=denoised_fn, cond_fn=cond_fn,
                                                      model_kwargs=model_kwargs, device=device,
-                                                     progress=progress, eta=eta):
+                                                     progress=progress, eta=eta, noise_fn=noise_fn):
             final = out
         return final["sample"]
 
-    def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=False, denoised_fn=None,
-                                     cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0):
+    def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                                     cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0,
+                                     noise_fn=None):
         """Yield each DDIM step's {"sample", "pred_xstart"} from t = T-1 down to 0."""
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta!r}")
@@ -336,7 +344,7 @@ class GaussianDiffusion:
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             with torch.no_grad():
                 out = self.ddim_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                       cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta)
+                                       cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, noise_fn=noise_fn)
             yield out
             img = out["sample"]
 

@@ -129,7 +129,7 @@ def test_oracle_with_true_target_and_posterior_variance_gets_zero_loss(predictio
     torch.testing.assert_close(losses["mse"], torch.zeros(6, dtype=torch.float64), atol=1e-20, rtol=0)
     torch.testing.assert_close(losses["vb"], torch.zeros(6, dtype=torch.float64), atol=1e-9, rtol=0)
     # and the reverse process recovers x_0 exactly from the true target
-    out = d.p_mean_variance(NoiseOracle(target), d.q_sample(x0, t, noise), t)
+    out = d.p_mean_variance(NoiseOracle(target), d.q_sample(x0, t, noise), t, clip_denoised=False)
     torch.testing.assert_close(out["pred_xstart"], x0)
 
 
@@ -152,7 +152,7 @@ def test_learned_range_interpolates_between_posterior_and_beta():
     t = torch.tensor([2, 200, 999])
     for v, expected in ((-1.0, d.posterior_log_variance_clipped), (1.0, np.log(d.betas)),
                         (0.0, 0.5 * (d.posterior_log_variance_clipped + np.log(d.betas)))):
-        out = d.p_mean_variance(lambda x, t: torch.cat([x, torch.full_like(x, v)], 1), x, t)
+        out = d.p_mean_variance(lambda x, t: torch.cat([x, torch.full_like(x, v)], 1), x, t, clip_denoised=False)
         torch.testing.assert_close(out["log_variance"].squeeze(1), torch.from_numpy(expected[t.numpy()]))
 
 
@@ -160,8 +160,8 @@ def test_fixed_variances_are_posterior_and_beta():
     x, t = torch.randn(2, 1, dtype=torch.float64), torch.tensor([0, 600])
     small = create_diffusion("", learn_sigma=False, sigma_small=True)
     large = create_diffusion("", learn_sigma=False)
-    out_small = small.p_mean_variance(lambda x, t: x, x, t)
-    out_large = large.p_mean_variance(lambda x, t: x, x, t)
+    out_small = small.p_mean_variance(lambda x, t: x, x, t, clip_denoised=False)
+    out_large = large.p_mean_variance(lambda x, t: x, x, t, clip_denoised=False)
     assert out_small["variance"][1].item() == pytest.approx(small.posterior_variance[600])
     assert out_large["variance"][1].item() == pytest.approx(large.betas[600])
     # at t = 0 beta_tilde_0 = 0, so fixed-large uses beta_tilde_1 to keep the decoder finite
@@ -182,7 +182,7 @@ def test_p_sample_adds_no_noise_at_t0():
     d = create_diffusion("")
     x, t = torch.randn(3, 2), torch.zeros(3, dtype=torch.long)
     model = lambda x, t: torch.cat([x * 0.1, torch.zeros_like(x)], 1)
-    a, b = d.p_sample(model, x, t)["sample"], d.p_sample(model, x, t)["sample"]
+    a, b = d.p_sample(model, x, t, clip_denoised=False)["sample"], d.p_sample(model, x, t, clip_denoised=False)["sample"]
     torch.testing.assert_close(a, b)
 
 
@@ -192,9 +192,9 @@ def test_ddim_eta_one_equals_ddpm_with_posterior_variance():
     model = lambda x, t: torch.sin(x) + t.view(-1, 1).to(x.dtype) / 1000
     x, t = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 3, 12, 24])
     torch.manual_seed(4)
-    ddim = d.ddim_sample(model, x, t, eta=1.0)["sample"]
+    ddim = d.ddim_sample(model, x, t, eta=1.0, clip_denoised=False)["sample"]
     torch.manual_seed(4)
-    ddpm = d.p_sample(model, x, t)["sample"]
+    ddpm = d.p_sample(model, x, t, clip_denoised=False)["sample"]
     torch.testing.assert_close(ddim, ddpm)
 
 
@@ -202,7 +202,7 @@ def test_ddpm250_with_exact_gaussian_denoiser_recovers_data_distribution():
     d = create_diffusion("250", learn_sigma=True)
     torch.manual_seed(5)
     n = 8000
-    x = d.p_sample_loop(gaussian_denoiser(d, learn_sigma=True), (n, 1), noise=torch.randn(n, 1, dtype=torch.float64))
+    x = d.p_sample_loop(gaussian_denoiser(d, learn_sigma=True), (n, 1), noise=torch.randn(n, 1, dtype=torch.float64), clip_denoised=False)
     # Monte-Carlo standard errors at n = 8000: 0.0056 (mean), 0.004 (std); tolerances are ~4-5 of them
     assert abs(x.mean().item() - MU) < 0.025
     assert abs(x.std().item() - S) < 0.02
@@ -212,7 +212,7 @@ def test_ddim50_with_exact_gaussian_denoiser_matches_closed_form_and_data_distri
     d = create_diffusion("ddim50", learn_sigma=False)
     torch.manual_seed(6)
     z = torch.randn(4000, 1, dtype=torch.float64)
-    x = d.ddim_sample_loop(gaussian_denoiser(d, learn_sigma=False), (4000, 1), noise=z, eta=0.0)
+    x = d.ddim_sample_loop(gaussian_denoiser(d, learn_sigma=False), (4000, 1), noise=z, eta=0.0, clip_denoised=False)
     # With a Gaussian and the exact eps, each DDIM step is affine: x' - a' MU = g (x - a MU) with
     # g = (a'/a)(1 - sig^2/v) + sig' sig / v. Compose it independently and compare sample by sample.
     ab, ab_prev = d.alphas_cumprod, d.alphas_cumprod_prev
@@ -234,3 +234,19 @@ def test_progressive_loop_yields_every_step_and_progress_bar_runs(capsys):
     steps = list(d.ddim_sample_loop_progressive(model, (2, 1), progress=True))
     assert len(steps) == 10 and all(set(s) == {"sample", "pred_xstart"} for s in steps)
     assert "10/10" in capsys.readouterr().err
+
+
+def test_noise_fn_supplies_the_step_noise_of_ddpm_and_ddim():
+    d = create_diffusion("10", learn_sigma=False)
+    model = lambda x, t: 0.3 * x
+    x, t = torch.randn(3, 1, 4, 4), torch.tensor([0, 4, 9])
+    z = torch.randn_like(x)
+    out = d.p_mean_variance(model, x, t, clip_denoised=False)
+    expected = out["mean"] + (t != 0).view(-1, 1, 1, 1) * torch.exp(0.5 * out["log_variance"]) * z
+    got = d.p_sample(model, x, t, clip_denoised=False, noise_fn=lambda like: z)["sample"]
+    torch.testing.assert_close(got, expected)
+    a = d.ddim_sample(model, x, t, clip_denoised=False, eta=1.0, noise_fn=lambda like: z)["sample"]
+    b = d.ddim_sample(model, x, t, clip_denoised=False, eta=1.0, noise_fn=lambda like: torch.zeros_like(like))
+    assert not torch.allclose(a, b["sample"])
+    torch.testing.assert_close(d.ddim_sample(model, x, t, clip_denoised=False, eta=1.0,
+                                             noise_fn=lambda like: z)["sample"], a)

@@ -12,7 +12,7 @@ import sample_ddp
 from diffusion import ClassifierFreeGuidance, create_diffusion
 from load_checkpoint import load_checkpoint
 from models import DiT, create_model
-from seeded_sampling import (PerSampleNoise, ancestral_step, class_labels, generate, model_function,
+from seeded_sampling import (PerSampleNoise, class_labels, generate, model_function,
                              to_uint8)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,17 +124,6 @@ def test_labels_change_the_samples(ckpt):
     b = generate(model, diffusion, "ddim", [0, 1], torch.tensor([2, 5]), 0, cfg_scale=4.0)
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)  # sample 0 is the same (seed, index, label)
     assert (a[1] - b[1]).abs().max() > 1e-3
-
-
-def test_ancestral_step_equals_diffusion_p_sample_given_the_same_noise(ckpt):
-    model, _ = load_checkpoint(ckpt)
-    diffusion = create_diffusion("10")
-    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 4, 9]), torch.tensor([1, 2, 3])
-    torch.manual_seed(5)
-    expected = diffusion.p_sample(model, x, t, model_kwargs={"y": y})["sample"]
-    torch.manual_seed(5)
-    noise = torch.randn_like(x)  # what p_sample draws after the same seed
-    torch.testing.assert_close(ancestral_step(diffusion, model, x, t, noise, {"y": y}), expected)
 
 
 def test_cfg_scale_one_equals_the_unguided_model(ckpt, tmp_path):
