@@ -4,6 +4,7 @@ python -m evaluations.make_reference --dataset imagenet --data-path /data/imagen
     --num-images 10000 --output VIRTUAL_imagenet256.npz
 """
 import argparse
+import os
 
 import numpy as np
 import torch
@@ -11,7 +12,9 @@ from tqdm import tqdm
 from PIL import Image
 
 from evaluations.batch_npz import as_rgb_images, write_npz_atomic
-from evaluations.image_sources import find_fashion_mnist_images, list_image_files, load_image, read_idx
+from imagedata.center_crop import center_crop_arr
+from imagedata.fashion_mnist import fashion_mnist_files, read_idx
+from imagedata.image_folder import list_images, load_rgb
 from evaluations.inception import InceptionFeatures
 from evaluations.metrics import feature_statistics
 
@@ -20,7 +23,9 @@ def load_reference_images(dataset, data_path, image_size, num_images, seed, spli
     """uint8 (N, H, W, 3) reference images; a seeded random subset when num_images is smaller than the dataset."""
     rng = np.random.default_rng(seed)
     if dataset == "fashion-mnist":
-        images = read_idx(find_fashion_mnist_images(data_path, split))  # (N, 28, 28) uint8
+        split = "test" if split == "t10k" else split  # the IDX files name the test split t10k
+        path = data_path if os.path.isfile(data_path) else fashion_mnist_files(data_path, split)[0]
+        images = read_idx(path)  # (N, 28, 28) uint8
         if images.ndim != 3 or images.dtype != np.uint8:
             raise ValueError(f"Fashion-MNIST images must be uint8 (N, 28, 28), got {images.dtype} {images.shape}")
         if num_images and num_images < len(images):
@@ -29,10 +34,14 @@ def load_reference_images(dataset, data_path, image_size, num_images, seed, spli
             images = np.stack([np.array(Image.fromarray(x).resize((image_size,) * 2, Image.BICUBIC)) for x in images])
         return as_rgb_images(images, data_path)  # grayscale repeated to 3 channels for Inception
     # imagenet, ffhq, folder: every image under data_path, ADM's center crop
-    files = list_image_files(data_path)
+    if not os.path.isdir(data_path):
+        raise FileNotFoundError(f"image folder {data_path} does not exist")
+    files = list_images(data_path)
+    if not files:
+        raise ValueError(f"no images found under {data_path}")
     if num_images and num_images < len(files):
         files = [files[i] for i in np.sort(rng.choice(len(files), num_images, replace=False))]
-    return np.stack([load_image(f, image_size) for f in tqdm(files, desc="Loading images")])
+    return np.stack([center_crop_arr(load_rgb(f), image_size) for f in tqdm(files, desc="Loading images")])
 
 
 def main(args):
@@ -58,7 +67,8 @@ if __name__ == "__main__":
     parser.add_argument("--output", type=str, required=True)
     parser.add_argument("--image-size", type=int, default=None, help="default 256 (folders), native 28 (fashion-mnist)")
     parser.add_argument("--num-images", type=int, default=None, help="random subset size (default: all)")
-    parser.add_argument("--split", type=str, choices=["train", "t10k"], default="train", help="Fashion-MNIST split")
+    parser.add_argument("--split", type=str, choices=["train", "test", "t10k"], default="train",
+                        help="Fashion-MNIST split (t10k = test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-statistics", action="store_true", help="write arr_0 only (no Inception weights needed)")
     parser.add_argument("--inception-weights", type=str, default=None)

@@ -28,6 +28,7 @@ def args_for(**overrides):
 def test_fashion_mnist_reference_is_a_seeded_rgb_subset(tmp_path):
     gray = np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", gray)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(20, dtype=np.uint8) % 10)
     make_reference.main(args_for(data_path=str(tmp_path), output=str(tmp_path / "ref.npz"), num_images=6))
     images = read_batch(str(tmp_path / "ref.npz"))["images"]
     assert images.shape == (6, 28, 28, 3) and (images[..., 0] == images[..., 2]).all()
