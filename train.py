@@ -11,6 +11,15 @@ single process. Every global batch is the same whatever the world size: the samp
 over ranks, and the timesteps, noise and label dropout of a step are drawn for the whole global batch from a
 generator seeded by (global seed, step), each rank taking its own samples. So 2 ranks x B match 1 rank x 2B,
 and a resumed run continues bit for bit.
+
+Outputs in <results-dir>/<NNN>-<model>/ (model "DiT-S/2" -> "DiT-S-2"; "DiT-custom" with --hidden-size etc.):
+log.txt, metrics.jsonl (one {"step", "loss", ...} per --log-every) and checkpoints/<step:07d>.pt, written
+atomically, loadable with torch.load(weights_only=True):
+    model, ema, opt (state_dicts), step, args (dict), model_config ({"model": name, **DiT kwargs}; rebuild with
+    models.DiT(**kwargs)), diffusion_config (create_diffusion kwargs), vae, image_size, latent_scale,
+    loss_weighting (its state_dict: ANT-UW s_k), rng (one dict per rank: torch, numpy, python, cuda),
+    data_state ({epoch, position = batches done in the epoch, sampler_seed, global_batch_size}),
+    scaler (fp16 only). The per-step generator needs no state: it is reseeded from (global seed, step).
 """
 import argparse
 import copy

@@ -8,12 +8,13 @@ One training step is what train.py runs: forward + diffusion loss, backward, Ada
 Reports images/s and peak memory for the routed model and the same model without routing, their ratio,
 and the share of the machine's matmul peak: achieved FLOP/s of the training step (3x the forward FLOPs
 counted by torch.utils.flop_counter.FlopCounterMode) over the FLOP/s of a large square matmul in the same
-precision, measured in the same run.
+precision, measured in the same run. Steps of both models and matmul bursts are interleaved and the fastest
+of each is reported (medians too), so a machine shared with other jobs biases them alike.
 """
 import argparse
 import copy
 import json
-import resource
+import statistics
 import time
 
 import torch
@@ -32,29 +33,31 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def reset_peak_memory(device):
+    """Start a new peak-memory window (CUDA allocator stats; on Linux CPU, the process's VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size
+
+
 def peak_memory_gb(device):
-    """Peak accelerator memory allocated, or peak resident memory of this process on CPU."""
+    """Peak accelerator memory allocated, or peak resident memory of this process on CPU, since the reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 2**20
 
 
-def matmul_peak_flops(size, dtype, device, seconds=2.0):
-    """FLOP/s of repeated (size x size) @ (size x size) matmuls: 2 size^3 FLOPs each."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):  # warm-up: thread pools, kernel selection
-        a @ b
+def timed(fn, device):
+    """Seconds one call of fn takes, device work included."""
     synchronize(device)
-    iters, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        iters += 1
-        if device.type == "cuda" and iters % 10:
-            continue
-        synchronize(device)
+    start = time.perf_counter()
+    fn()
     synchronize(device)
-    return 2 * size**3 * iters / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def forward_flops(model, x, t, y):
@@ -64,14 +67,15 @@ def forward_flops(model, x, t, y):
     return counter.get_total_flops()
 
 
-def measure(args, routing, device):
-    """images/s, seconds per step, peak memory and training FLOPs per step for one routing kind."""
+def build_training_step(args, routing, device):
+    """(step function, training FLOPs per step): one train.py step of a freshly built model."""
     torch.manual_seed(0)
     model = create_model(args.model, input_size=args.input_size, in_channels=args.in_channels,
                          num_classes=args.num_classes, routing=routing, alpha=args.alpha, beta=args.beta).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     diffusion = create_diffusion(timestep_respacing="", noise_schedule="squaredcos_cap_v2")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)  # as train.py
+    net = torch.compile(model) if args.compile else model  # as train.py --compile
     dtype = DTYPES[args.mixed_precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     x = torch.randn(args.batch_size, args.in_channels, args.input_size, args.input_size, device=device)
@@ -80,7 +84,7 @@ def measure(args, routing, device):
     def step():
         t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+            loss = diffusion.training_losses(net, x, t, dict(y=y))["loss"].mean()
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -90,19 +94,18 @@ def measure(args, routing, device):
     t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         flops = 3 * forward_flops(model, x, t, y)  # backward ~ 2x forward
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    synchronize(device)
-    sec_per_step = (time.perf_counter() - start) / args.steps
-    return {"routing": routing, "images_per_sec": args.batch_size / sec_per_step, "sec_per_step": sec_per_step,
-            "peak_mem_gb": peak_memory_gb(device), "train_flops_per_step": flops,
-            "achieved_flops_per_sec": flops / sec_per_step}
+    return step, flops
+
+
+def build_matmul(size, dtype, device, repeats=4):
+    """(burst of `repeats` square matmuls, its FLOPs: 2 size^3 each)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+
+    def burst():
+        for _ in range(repeats):
+            a @ b
+    return burst, 2 * size**3 * repeats
 
 
 def main(args):
@@ -113,15 +116,49 @@ def main(args):
     else:
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py (official DiT)
         torch.backends.cudnn.allow_tf32 = True
-    peak = matmul_peak_flops(args.matmul_size, DTYPES[args.mixed_precision], device)
-    results = [measure(args, args.routing, device)]
-    if args.routing != "none":
-        results.append(measure(args, "none", device))
-    for r in results:
-        r["share_of_matmul_peak"] = r["achieved_flops_per_sec"] / peak
-    report = {"model": args.model, "batch_size": args.batch_size, "input": [args.in_channels, args.input_size,
-              args.input_size], "mixed_precision": args.mixed_precision, "device": str(device),
-              "threads": torch.get_num_threads(), "matmul_peak_flops_per_sec": peak, "results": results}
+    routings = [args.routing] + (["none"] if args.routing != "none" else [])
+
+    # Peak memory: each model alone, a few steps after a fresh start of the peak window.
+    memory = {}
+    for routing in routings:
+        reset_peak_memory(device)
+        step, _ = build_training_step(args, routing, device)
+        for _ in range(2):
+            step()
+        synchronize(device)
+        memory[routing] = peak_memory_gb(device)
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # Throughput: steps of both models and matmul bursts interleaved round by round, so load from other
+    # processes on a shared machine hits all of them alike; the fastest round estimates the unloaded speed.
+    steps = {routing: build_training_step(args, routing, device) for routing in routings}
+    burst, burst_flops = build_matmul(args.matmul_size, DTYPES[args.mixed_precision], device)
+    times = {routing: [] for routing in routings}
+    matmul_times = []
+    for round_index in range(args.warmup + args.steps):
+        for routing, (step, _) in steps.items():
+            seconds = timed(step, device)
+            if round_index >= args.warmup:
+                times[routing].append(seconds)
+        seconds = timed(burst, device)
+        if round_index >= args.warmup:
+            matmul_times.append(seconds)
+    peak = burst_flops / min(matmul_times)
+    results = []
+    for routing in routings:
+        best, median = min(times[routing]), statistics.median(times[routing])
+        flops = steps[routing][1]
+        results.append({"routing": routing, "images_per_sec": args.batch_size / best,
+                        "images_per_sec_median": args.batch_size / median, "sec_per_step": best,
+                        "peak_mem_gb": memory[routing], "train_flops_per_step": flops,
+                        "achieved_flops_per_sec": flops / best, "share_of_matmul_peak": flops / best / peak})
+    report = {"model": args.model, "batch_size": args.batch_size,
+              "input": [args.in_channels, args.input_size, args.input_size], "mixed_precision": args.mixed_precision,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "compile": args.compile, "rounds": args.steps,
+              "matmul_peak_flops_per_sec": peak, "matmul_size": args.matmul_size, "results": results}
     if len(results) == 2:
         report["images_per_sec_ratio_routed_to_unrouted"] = results[0]["images_per_sec"] / results[1]["images_per_sec"]
     print(json.dumps(report, indent=1))
@@ -139,8 +176,9 @@ if __name__ == "__main__":
     parser.add_argument("--routing", type=str, choices=ROUTING_KINDS, default="dtr")
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--beta", type=float, default=0.8)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model, as train.py --compile")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (ignored on GPU)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each model per round)")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--matmul-size", type=int, default=2048)
     main(parser.parse_args())
