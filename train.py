@@ -3,7 +3,7 @@ Train a DiT, optionally with Denoising Task Routing, using PyTorch DDP (Park et 
 
     torchrun --nnodes=1 --nproc_per_node=8 train.py --feature-path features/imagenet256 --model DiT-L/2 --routing dtr
     python train.py --config configs/table1/imagenet256_dit_l2_dtr.yaml --feature-path features/imagenet256
-    python train.py --config configs/tiny_pixel.yaml --data-path /usr/share/datasets/fashion-mnist   # CPU
+    python train.py --config configs/tiny_fashion_mnist.yaml   # small CPU run in pixel space
 
 Defaults are the paper's setting: AdamW lr 1e-4 without weight decay, EMA 0.9999, random horizontal flip,
 cosine schedule over 1000 steps, learned sigma. Runs under torchrun (nccl on GPU, gloo on CPU) or as a plain
@@ -366,7 +366,7 @@ def train(args, rank, world_size, device):
     try:
         if checkpoint is not None:
             logger.info(f"Resumed from {args.resume} at step {train_steps} (epoch {epoch}, batch {position})")
-        logger.info(f"Experiment directory created at {experiment_dir}")
+        logger.info(f"Experiment directory: {experiment_dir}")
         logger.info(f"{model_config['model']} parameters: {sum(p.numel() for p in model.parameters()):,}; "
                     f"routing {model.routing_config()}")
         logger.info(f"Dataset contains {len(dataset):,} samples ({args.data_path or args.feature_path}); "
