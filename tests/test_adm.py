@@ -213,3 +213,13 @@ def test_presets_match_adm_parameter_counts():
     assert imagenet.config == {**imagenet.config, **ADM_IMAGENET64}
     with pytest.raises(ValueError, match="ADM-FFHQ64"):
         create_adm("ADM-FFHQ256")
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    x, t, y = inputs(n=2)
+    grads = []
+    for flag in (False, True):
+        model = randomize(ADM(**TINY, routing="dtr", grad_checkpointing=flag)).train()
+        model(x, t, y).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
