@@ -149,13 +149,15 @@ class TaskRouter(nn.Module):
         """Reject non-integer timesteps or ones outside [0, num_tasks) instead of clamping them."""
         if t.dim() != 1:
             raise ValueError(f"timesteps must have shape (N,), got {tuple(t.shape)}")
+        # On the GPU (and under torch.compile) the checks run asynchronously: no host sync, no graph break.
+        asynchronous = t.is_cuda or torch.compiler.is_compiling()
         if t.is_floating_point():
-            if t.is_cuda:  # no host sync on the GPU hot path
+            if asynchronous:
                 torch._assert_async((t == t.round()).all(), "routing: timesteps must be integers")
             elif not bool((t == t.round()).all()):
                 raise ValueError(f"routing needs integer timesteps, got {t.tolist()[:8]}")
         in_range = (t >= 0) & (t < self.num_tasks)
-        if t.is_cuda:
+        if asynchronous:
             torch._assert_async(in_range.all(), "routing: timestep outside [0, num_tasks)")
         elif not bool(in_range.all()):
             bad = t[~in_range].tolist()[:8]
