@@ -17,3 +17,12 @@ install: $(VENV)/.installed
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The quick start: train a DTR DiT on Fashion-MNIST, sample a class grid, read its FID
+# (results/demo-fashion-mnist-$(ROUTING)/report.md). `make demo ROUTING=none` runs it without routing.
+ROUTING ?= dtr
+DEMO_CONFIG ?= configs/demo_fashion_mnist.yaml
+.PHONY: demo
+
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) demo.py --config $(DEMO_CONFIG) --routing $(ROUTING)

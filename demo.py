@@ -38,7 +38,7 @@ NUM_TIMESTEPS = 1000
 GRID_SAMPLES_PER_CLASS = 8
 # viridis' two ends, the colours of the paper's Fig. 2: active channel yellow, inactive purple
 ACTIVE_RGB, INACTIVE_RGB = (253, 231, 37), (68, 1, 84)
-TRAIN_LOG_LINE = re.compile(r"\(step=(\d+)\) Train Loss: ([-+0-9.eEnaif]+)")
+TRAIN_LOG_LINE = re.compile(r"step=(\d+)\).*?Loss: ([^,\s]+)")  # train.py's "(step=0000100) Train Loss: 0.1234,"
 
 
 #################################################################################
@@ -115,10 +115,11 @@ def run_stage(name, cmd, log_path, env):
     return time.time() - start
 
 
-def run_training(cmd, max_steps, log_path, env):
+def run_training(cmd, results_dir, max_steps, log_path, env):
     """Run train.py, turning its periodic log lines into one progress bar; returns (experiment dir, seconds)."""
     print(f"\n==> train: {' '.join(cmd)}", flush=True)
-    start, experiment_dir, tail = time.time(), None, deque(maxlen=40)
+    before = set(os.listdir(results_dir)) if os.path.isdir(results_dir) else set()
+    start, tail = time.time(), deque(maxlen=40)
     with open(log_path, "w") as log, tqdm(total=max_steps, desc="train", unit="step") as bar:
         process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, bufsize=1)
@@ -126,17 +127,18 @@ def run_training(cmd, max_steps, log_path, env):
             log.write(line)
             log.flush()
             tail.append(line.rstrip())
-            if "Experiment directory created at " in line:
-                experiment_dir = line.split("Experiment directory created at ", 1)[1].strip()
             match = TRAIN_LOG_LINE.search(line)
             if match:
                 bar.update(int(match.group(1)) - bar.n)
-                bar.set_postfix(loss=match.group(2).rstrip(","))
+                bar.set_postfix(loss=match.group(2))
         process.wait()
-    if process.returncode != 0 or experiment_dir is None:
+    if process.returncode != 0:
         raise RuntimeError(f"stage 'train' failed (exit {process.returncode}); log: {log_path}\n" + "\n".join(tail))
-    return os.path.join(REPO_ROOT, experiment_dir) if not os.path.isabs(experiment_dir) else experiment_dir, \
-        time.time() - start
+    # train.py numbers a new experiment folder inside results_dir: the one that was not there before
+    created = sorted(set(os.listdir(results_dir)) - before)
+    if len(created) != 1:
+        raise RuntimeError(f"expected train.py to create one experiment folder in {results_dir}, found {created}")
+    return os.path.join(results_dir, created[0]), time.time() - start
 
 
 #################################################################################
@@ -248,6 +250,9 @@ def write_report(path, context):
         value = metrics.get(name)
         why = metrics.get("unavailable", {}).get(name, "")
         lines.append(f"| {name} | {format_metric(value)}{f' ({why})' if value is None and why else ''} |")
+    if c["other_runs"]:
+        lines += ["", "Other demo runs against the same reference: " + "; ".join(
+            f"`{name}` FID {format_metric(fid)}" for name, fid in c["other_runs"].items())]
     lines += [
         "",
         f"FID from {c['num_fid_samples']} samples is biased upwards (the estimate of a 2048 x 2048 covariance "
@@ -293,6 +298,20 @@ def write_report(path, context):
     os.replace(tmp, path)
 
 
+def other_runs(results_dir, run_dir, reference):
+    """{run name: FID} of the other demo runs in results_dir evaluated against the same reference batch."""
+    found = {}
+    for name in sorted(os.listdir(results_dir)):
+        path = os.path.join(results_dir, name, "metrics.json")
+        if os.path.join(results_dir, name) == run_dir or not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            metrics = json.load(f)
+        if os.path.abspath(metrics.get("reference", "")) == reference:
+            found[name] = metrics.get("FID")
+    return found
+
+
 #################################################################################
 #                                    Pipeline                                   #
 #################################################################################
@@ -323,8 +342,8 @@ def main(args):
     train_cmd = torchrun(args.nproc, "train.py") + [
         "--config", os.path.abspath(args.config), "--data-path", data_path, "--routing", routing,
         "--max-steps", str(steps), "--results-dir", os.path.join(run_dir, "train")]
-    experiment_dir, timings["train"] = run_training(train_cmd, steps, os.path.join(logs, "train.log"),
-                                                    script_env(threads=1))
+    experiment_dir, timings["train"] = run_training(train_cmd, os.path.join(run_dir, "train"), steps,
+                                                    os.path.join(logs, "train.log"), script_env(threads=1))
     checkpoint = os.path.join(experiment_dir, "checkpoints", f"{steps:07d}.pt")
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"train.py finished without writing the final checkpoint {checkpoint}")
@@ -393,6 +412,7 @@ def main(args):
         "ema_decay": train_args["ema_decay"], "noise_schedule": train_args["noise_schedule"], "nproc": args.nproc,
         "config": os.path.relpath(os.path.abspath(args.config), REPO_ROOT), "data_path": data_path,
         "checkpoint": checkpoint, "sample_npz": sample_npz, "reference": reference, "timings": timings,
+        "other_runs": other_runs(os.path.dirname(run_dir), run_dir, reference),
     }
     write_report(os.path.join(run_dir, "report.md"), context)
     print(f"\nFID {format_metric(metrics.get('FID'))} ({args.num_fid_samples} samples vs {args.ref_images} "
