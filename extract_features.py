@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from imagedata import BadImageError, ImageFileDataset, build_dataset
 from imagedata.latents import read_shard_record, shard_is_finished, write_manifest, write_shard
+from process_group import setup_distributed
 
 LATENT_SCALE = 0.18215  # SD VAE latent scale used by DiT / LDM
 VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}  # official DiT --vae
@@ -33,21 +34,6 @@ VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae
 def resolve_vae(name):
     """Map the official DiT shorthand ema|mse to the Hub name; anything else is a Hub name or local path."""
     return VAE_SHORTHANDS.get(name, name)
-
-
-def setup_distributed():
-    """(rank, world_size, device); torchrun env -> process group (nccl on GPU, gloo on CPU), else 1 process."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        device = torch.device("cuda", local_rank)
-    else:
-        dist.init_process_group("gloo")
-        device = torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 class FlaggedImages(Dataset):

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from atomic_file import atomic_write
 from diffusion import create_diffusion
 from load_checkpoint import add_checkpoint_arguments, checkpoint_flags, load_checkpoint
 from seeded_sampling import generate, load_vae, parse_guide_channels, resolve_cfg_scale, to_uint8
@@ -72,9 +73,7 @@ def main(args):
     # make_grid repeats one channel to three; 1-channel models (Fashion-MNIST) are saved as grayscale
     picture = Image.fromarray(np.ascontiguousarray(grid[..., 0] if images.shape[1] == 1 else grid))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    picture.save(tmp, format="PNG")
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda f: picture.save(f, format="PNG"))
     print(args.out)
 
 

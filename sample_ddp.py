@@ -26,8 +26,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from atomic_file import atomic_write
 from diffusion import create_diffusion
 from load_checkpoint import add_checkpoint_arguments, checkpoint_flags, load_checkpoint
+from process_group import setup_distributed
 from seeded_sampling import (class_labels, generate, load_vae, parse_guide_channels, resolve_cfg_scale,
                              to_uint8)
 
@@ -86,16 +88,6 @@ def check_shard_dir(shard_dir, config):
                          "use another --sample-dir or restore the original settings (no shard was deleted)")
 
 
-def atomic_write(path, write):
-    """Write a file via a temporary sibling and os.replace, so a kill never leaves a partial file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def shard_path(shard_dir, k):
     return os.path.join(shard_dir, f"shard_{k:06d}.npz")
 
@@ -144,18 +136,11 @@ def main(args):
     for flag in ("shard_size", "per_proc_batch_size", "num_sampling_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    distributed = "WORLD_SIZE" in os.environ  # set by torchrun; a plain process runs alone
-    if distributed:
-        # nccl needs GPUs; gloo runs anywhere (CPU tests, GPU-less nodes).
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+    rank, world_size, device = setup_distributed()
+    distributed = dist.is_initialized()  # under torchrun; a plain process runs alone
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32  # official DiT: True, fast, tiny differences
         torch.backends.cudnn.allow_tf32 = args.tf32
-    else:
-        device = torch.device("cpu")
     torch.set_grad_enabled(False)
 
     model, settings = load_checkpoint(args.ckpt, checkpoint_flags(args), args.use_model_weights)

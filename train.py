@@ -42,9 +42,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from atomic_file import atomic_write
 from diffusion import WEIGHTINGS, create_diffusion
 from imagedata import build_dataset
 from models import DiT, DiT_models, ROUTING_KINDS, create_model
+from process_group import cleanup_distributed, setup_distributed
 
 LATENT_SCALE = 0.18215  # SD VAE latent scale, as official DiT
 CUSTOM_DIT_FLAGS = ("hidden_size", "depth", "num_heads", "patch_size")  # architecture overrides of a custom DiT
@@ -70,21 +72,6 @@ def requires_grad(model, flag=True):
     """Set requires_grad for every parameter of a model."""
     for p in model.parameters():
         p.requires_grad = flag
-
-
-def setup_distributed():
-    """(rank, world_size, device): torchrun env -> process group (nccl on GPU, gloo on CPU); else one process."""
-    use_cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda:0" if use_cuda else "cpu")
-    # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK and the rendezvous (also across nodes)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-        torch.cuda.set_device(local_rank)
-        return rank, world_size, torch.device("cuda", local_rank)
-    return rank, world_size, torch.device("cpu")
 
 
 def create_logger(logging_dir, rank):
@@ -237,14 +224,8 @@ def gather_rng_states(world_size):
 
 
 def save_checkpoint(checkpoint, path):
-    """torch.save to a temp file in the same folder, then os.replace: a crash never leaves a broken file."""
-    tmp = f"{path}.tmp"
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save through a temp file and os.replace: a crash never leaves a broken checkpoint."""
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def check_resume_compatible(checkpoint, path, model_config, diffusion_config):
@@ -265,10 +246,7 @@ def truncate_metrics(metrics_path, step):
         return
     with open(metrics_path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = f"{metrics_path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, metrics_path)
+    atomic_write(metrics_path, lambda f: f.writelines(kept), mode="w")
 
 
 #################################################################################
@@ -283,8 +261,7 @@ def main(args):
     try:
         return train(args, rank, world_size, device)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        cleanup_distributed()
 
 
 def train(args, rank, world_size, device):

@@ -1,9 +1,10 @@
 """ADM-format batch files: `arr_0` uint8 NHWC images and/or precomputed `mu`, `sigma`, `mu_s`, `sigma_s`."""
 import os
-import tempfile
 import zipfile
 
 import numpy as np
+
+from atomic_file import atomic_write
 
 POOL_DIM, SPATIAL_DIM = 2048, 2023  # pool_3 and sFID features (17 * 17 * 7)
 STATISTIC_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM),
@@ -49,13 +50,5 @@ def read_batch(path):
 
 
 def write_npz_atomic(path, **arrays):
-    """np.savez to a temporary file beside path, then os.replace, so a crash never leaves a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, tmp_path = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+    """np.savez through a temporary file and os.replace, so a crash never leaves a half-written file."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))

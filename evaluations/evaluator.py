@@ -4,15 +4,14 @@ Prints Inception Score, FID, sFID, Precision and Recall like ADM's evaluator.py 
 beside the sample file. Reference statistics computed from images are cached beside the reference file.
 """
 import argparse
-import json
 import os
 import sys
-import tempfile
 import warnings
 
 import numpy as np
 import torch
 
+from atomic_file import atomic_write_json
 from evaluations.batch_npz import read_batch, write_npz_atomic
 from evaluations.inception import InceptionFeatures
 from evaluations.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
@@ -98,14 +97,6 @@ def format_metrics(metrics, unavailable):
                      else f"{name}: unavailable ({unavailable[name]})" for name in METRIC_NAMES)
 
 
-def write_json_atomic(path, payload):
-    """Write JSON through a temporary file and os.replace."""
-    handle, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".json.tmp")
-    with os.fdopen(handle, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp_path, path)
-
-
 def main(args):
     """Evaluate a sample batch against a reference batch; print and save the metrics."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,7 +104,7 @@ def main(args):
     metrics, unavailable = evaluate(args.ref_batch, args.sample_batch, inception, args.batch_size)
     print(format_metrics(metrics, unavailable))
     output = args.output or os.path.splitext(args.sample_batch)[0] + ".metrics.json"
-    write_json_atomic(output, {**metrics, "unavailable": unavailable, "reference": args.ref_batch,
+    atomic_write_json(output, {**metrics, "unavailable": unavailable, "reference": args.ref_batch,
                                "sample": args.sample_batch, "inception_weights": inception.weights_path})
     print(f"Wrote {output}", file=sys.stderr)
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from atomic_file import atomic_write, atomic_write_json
+
 from .flip import SeededFlip
 
 MANIFEST_NAME = "manifest.json"
@@ -30,21 +32,6 @@ MANIFEST_KEYS = ("format", "version", "vae", "latent_scale", "latent_shape", "dt
 def shard_stem(shard_index):
     """File name stem of shard k; names depend on the shard, not the rank, so any world size resumes."""
     return f"shard-{shard_index:05d}"
-
-
-def _atomic_write(path, write):
-    """Write through a temp file in the same directory then os.replace, so a crash leaves no partial file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path, obj):
-    """JSON dump through a temp file + os.replace."""
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def shard_is_finished(features_path, shard_index):
@@ -60,9 +47,9 @@ def write_shard(features_path, shard_index, latents, labels, record):
     if latents.ndim != 5 or latents.shape[1] != 2 or len(latents) != len(labels):
         raise ValueError(f"shard {shard_index}: latents {latents.shape} / labels {labels.shape} do not match (n, 2, C, h, w) / (n,)")
     stem = os.path.join(features_path, shard_stem(shard_index))
-    _atomic_write(stem + ".latents.npy", lambda f: np.save(f, latents))
-    _atomic_write(stem + ".labels.npy", lambda f: np.save(f, labels))
-    write_json_atomic(stem + ".json", dict(record, shard=shard_index, count=len(labels)))
+    atomic_write(stem + ".latents.npy", lambda f: np.save(f, latents))
+    atomic_write(stem + ".labels.npy", lambda f: np.save(f, labels))
+    atomic_write_json(stem + ".json", dict(record, shard=shard_index, count=len(labels)))
 
 
 def read_shard_record(features_path, shard_index):
@@ -85,7 +72,7 @@ def write_manifest(features_path, num_shards, **meta):
         skipped += record.get("skipped", [])
     manifest = dict(meta, format=FORMAT_NAME, version=FORMAT_VERSION, dtype="float32",
                     count=sum(s["count"] for s in shards), skipped=skipped, shards=shards)
-    write_json_atomic(os.path.join(features_path, MANIFEST_NAME), manifest)
+    atomic_write_json(os.path.join(features_path, MANIFEST_NAME), manifest)
     return manifest
 
 

@@ -1,6 +1,7 @@
-"""Diffusion backbones with Denoising Task Routing: the DiT zoo and its routing masks."""
+"""Diffusion backbones with Denoising Task Routing: the DiT zoo, the ADM UNet and their routing masks."""
 from models.adm import ADM, ADM_models, create_adm
 from models.dit import DiT, DiT_models, create_model
 from models.routing import ROUTING_KINDS, TaskRouter, build_masks
 
-__all__ = ["DiT", "DiT_models", "create_model", "ROUTING_KINDS", "TaskRouter", "build_masks"]
+__all__ = ["ADM", "ADM_models", "create_adm", "DiT", "DiT_models", "create_model", "ROUTING_KINDS",
+           "TaskRouter", "build_masks"]

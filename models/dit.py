@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.routing import ROUTING_KINDS, TaskRouter, validate_routing
+from models.routing import TaskRouter, validate_routing
 
 NUM_TIMESTEPS = 1000  # routing tables are indexed by the original diffusion timestep 0..999
 
