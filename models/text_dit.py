@@ -1,0 +1,279 @@
+"""Text-conditional DiT with Denoising Task Routing (Park et al., 2024, appendix C, Fig. 8; Eq. 8).
+
+The MS-COCO model of the paper: adaLN-Zero parameters are regressed from the timestep embedding
+only, and every block gains a multi-head cross-attention layer whose keys and values are the
+caption's text tokens (a frozen CLIP text encoder's last hidden state, models/text_encoder.py).
+Routing wraps the whole block exactly as in DiT: out = (1 - m) * z + Block(m * z).
+
+Choices the paper leaves open (the figure only sketches the block):
+- The cross-attention sits between self-attention and MLP, reads a parameter-free LayerNorm of the
+  image tokens, and adds its output without adaLN gating; its output projection starts at zero,
+  so a fresh block is the identity and the model outputs zeros, as adaLN-Zero intends.
+- Keys/values are projected from the text-encoder width context_dim straight to the hidden size
+  inside each block (one fused kv linear per block, like the fused qkv of self-attention).
+- The null caption for classifier-free guidance is a learned (max_text_len, context_dim) embedding,
+  the text analogue of DiT's learned null class: the model carries everything CFG needs (no text
+  encoder at sampling time for the unconditional branch), caption features can be precomputed, and
+  it is trained by the same caption dropout (p = 0.1) that DiT uses for labels. Its tokens are all
+  attended (a dropped caption's padding mask is replaced by all ones).
+"""
+import torch
+from torch import nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from models.dit import (NUM_TIMESTEPS, Attention, DiT_models, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder,
+                        get_2d_sincos_pos_embed, modulate)
+from models.routing import TaskRouter, validate_routing
+
+
+#################################################################################
+#                        Cross-Attention and Text DiT Block                     #
+#################################################################################
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention (Vaswani et al., 2017): queries from image tokens, keys/values from text tokens."""
+
+    def __init__(self, dim, context_dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=True)
+        self.kv = nn.Linear(context_dim, dim * 2, bias=True)  # text width context_dim -> hidden size
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context, context_mask=None):
+        n, t, d = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(n, t, h, d // h).transpose(1, 2)  # (N, heads, T, D / heads)
+        kv = self.kv(context).reshape(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)  # (2, N, heads, L, D / heads)
+        # Boolean mask: True keys take part; (N, L) -> (N, 1, 1, L) broadcasts over heads and queries.
+        attn_mask = None if context_mask is None else context_mask[:, None, None, :]
+        x = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)  # (N, heads, T, D / heads)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class TextDiTBlock(nn.Module):
+    """DiT block with cross-attention to text tokens (Fig. 8); with a router, Eq. 8 around the whole block."""
+
+    def __init__(self, hidden_size, context_dim, num_heads, mlp_ratio=4.0, router=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm_cross = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.cross_attn = CrossAttention(hidden_size, context_dim, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        # Regressed from the timestep embedding only: a caption is a token sequence, not one vector.
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.routing = router
+
+    def dit_block(self, x, c, context, context_mask):
+        """The unrouted block: self-attention, cross-attention and MLP, each with its residual."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+    def forward(self, x, c, t, context, context_mask=None):
+        if self.routing is None:
+            return self.dit_block(x, c, context, context_mask)
+        mask = self.routing(t, dtype=x.dtype)  # (N, 1, D), one row per sample's original timestep
+        return (1 - mask) * x + self.dit_block(mask * x, c, context, context_mask)
+
+
+#################################################################################
+#                              Core Text DiT Model                              #
+#################################################################################
+
+class TextDiT(nn.Module):
+    """Text-to-image DiT (MS-COCO setting): timestep-only adaLN-Zero, cross-attention to CLIP tokens, DTR."""
+
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        context_dim=768,
+        max_text_len=77,
+        caption_dropout_prob=0.1,
+        learn_sigma=True,
+        routing="none",
+        alpha=4.0,
+        beta=0.8,
+        routing_seed=0,
+        grad_checkpointing=False,
+    ):
+        super().__init__()
+        for name, value in (("context_dim", context_dim), ("max_text_len", max_text_len)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(caption_dropout_prob, (int, float)) and 0 <= caption_dropout_prob <= 1):
+            raise ValueError(f"caption_dropout_prob must lie in [0, 1], got {caption_dropout_prob!r}")
+        validate_routing(routing, NUM_TIMESTEPS, hidden_size, alpha, beta)
+        self.config = dict(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, context_dim=context_dim,
+            max_text_len=max_text_len, caption_dropout_prob=caption_dropout_prob, learn_sigma=learn_sigma,
+            routing=routing, alpha=alpha, beta=beta, routing_seed=routing_seed,
+            grad_checkpointing=grad_checkpointing,
+        )
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.context_dim = context_dim
+        self.max_text_len = max_text_len
+        self.caption_dropout_prob = caption_dropout_prob
+        self.grad_checkpointing = grad_checkpointing
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        # Learned null caption in text-encoder space (see the module docstring); only with caption dropout,
+        # as DiT adds its null class only with label dropout.
+        self.null_context = nn.Parameter(torch.zeros(max_text_len, context_dim)) if caption_dropout_prob > 0 else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([
+            TextDiTBlock(hidden_size, context_dim, num_heads, mlp_ratio, router=self._make_router(routing, i))
+            for i in range(depth)
+        ])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def _make_router(self, routing, block_index):
+        """One router per block; R-TR draws a different table per block from its seed (as DiT)."""
+        if routing == "none":
+            return None
+        c = self.config
+        seed = c["routing_seed"] + block_index if routing == "random" else c["routing_seed"]
+        return TaskRouter(routing, NUM_TIMESTEPS, c["hidden_size"], c["alpha"], c["beta"], seed)
+
+    def routing_config(self):
+        """The settings that rebuild the routing tables (stored in checkpoints)."""
+        return {k: self.config[k] for k in ("routing", "alpha", "beta", "routing_seed")}
+
+    def initialize_weights(self):
+        """DiT initialisation, plus zeroed cross-attention outputs so every block starts as the identity."""
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+
+        grid_size = int(self.x_embedder.num_patches ** 0.5)
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+
+        # Initialize patch_embed like nn.Linear (instead of nn.Conv2d):
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+
+        if self.null_context is not None:
+            nn.init.normal_(self.null_context, std=0.02)  # as DiT's label embedding table, null row included
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+            nn.init.constant_(block.cross_attn.proj.weight, 0)
+            nn.init.constant_(block.cross_attn.proj.bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def null_condition(self, with_mask=False):
+        """Unconditional model kwargs for diffusion.guidance.ClassifierFreeGuidance (uncond_kwargs).
+
+        with_mask=True adds an all-ones context_mask; use it when the conditional kwargs carry a
+        context_mask, since the guidance wrapper would otherwise reuse the caption's mask for the null.
+        """
+        if self.null_context is None:
+            raise ValueError("classifier-free guidance needs a model trained with caption_dropout_prob > 0")
+        kwargs = {"context": self.null_context.detach()}  # (L, context_dim), broadcast over the batch
+        if with_mask:
+            kwargs["context_mask"] = torch.ones(self.max_text_len, dtype=torch.bool, device=self.null_context.device)
+        return kwargs
+
+    def check_context(self, n, context, context_mask):
+        """Reject captions whose shape does not match the model, and captions with no attended token."""
+        expected = (n, self.max_text_len, self.context_dim)
+        if context.dim() != 3 or tuple(context.shape) != expected:
+            raise ValueError(f"context must have shape (N, max_text_len, context_dim) = {expected}, "
+                             f"got {tuple(context.shape)}")
+        if context_mask is None:
+            return
+        if tuple(context_mask.shape) != expected[:2]:
+            raise ValueError(f"context_mask must have shape (N, max_text_len) = {expected[:2]}, "
+                             f"got {tuple(context_mask.shape)}")
+        # A caption with every token masked would make attention NaN; checked where it costs no host sync.
+        if not (context_mask.is_cuda or torch.compiler.is_compiling()) and not bool(context_mask.any(dim=1).all()):
+            raise ValueError("context_mask masks every token of some caption; keep at least one (CLIP's BOS)")
+
+    def drop_captions(self, context, context_mask, force_drop_ids=None):
+        """Replace captions by the null caption, at random with caption_dropout_prob or where force_drop_ids == 1."""
+        if self.null_context is None:
+            raise ValueError("caption dropout needs caption_dropout_prob > 0 (the model has no null caption)")
+        if force_drop_ids is None:
+            drop_ids = torch.rand(context.shape[0], device=context.device) < self.caption_dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        context = torch.where(drop_ids[:, None, None], self.null_context.to(context.dtype), context)
+        if context_mask is not None:
+            context_mask = context_mask | drop_ids[:, None]  # the null caption attends all its tokens
+        return context, context_mask
+
+    def unpatchify(self, x):
+        """(N, T, patch_size**2 * C) -> (N, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, context, context_mask=None, force_drop_ids=None):
+        """Model output (N, out_channels, H, W) for x (N, C, H, W), timesteps t (N,) and text tokens context (N, L, D_text).
+
+        context_mask (N, L): the tokenizer's attention mask (1/True = real token, 0/False = padding).
+        """
+        if context_mask is not None:
+            context_mask = context_mask.bool()
+        self.check_context(x.shape[0], context, context_mask)
+        if (self.training and self.caption_dropout_prob > 0) or force_drop_ids is not None:
+            context, context_mask = self.drop_captions(context, context_mask, force_drop_ids)
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
+        c = self.t_embedder(t)  # (N, D): the timestep alone drives adaLN
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, t, context, context_mask, use_reentrant=False)
+            else:
+                x = block(x, c, t, context, context_mask)
+        x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
+        return self.unpatchify(x)
+
+
+#################################################################################
+#                                 Text DiT Configs                              #
+#################################################################################
+# The official DiT zoo shapes (depth, hidden size, heads); patch size from the name.
+
+TEXT_DIT_SHAPES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+
+
+def create_text_model(name, **kwargs):
+    """Build a text-conditional DiT with a zoo shape by its DiT name, e.g. create_text_model("DiT-B/2", routing="dtr")."""
+    if name not in DiT_models:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(DiT_models)}")
+    size, patch_size = name[len("DiT-"):].split("/")
+    depth, hidden_size, num_heads = TEXT_DIT_SHAPES[size]
+    return TextDiT(depth=depth, hidden_size=hidden_size, patch_size=int(patch_size), num_heads=num_heads, **kwargs)
