@@ -47,7 +47,8 @@ class CrossAttention(nn.Module):
         n, t, d = x.shape
         h = self.num_heads
         q = self.q(x).reshape(n, t, h, d // h).transpose(1, 2)  # (N, heads, T, D / heads)
-        kv = self.kv(context).reshape(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)  # (2, N, heads, L, D / heads)
+        kv = self.kv(context).reshape(n, context.shape[1], 2, h, d // h)
+        kv = kv.permute(2, 0, 3, 1, 4)  # (2, N, heads, L, D / heads)
         # Boolean mask: True keys take part; (N, L) -> (N, 1, 1, L) broadcasts over heads and queries.
         attn_mask = None if context_mask is None else context_mask[:, None, None, :]
         x = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)  # (N, heads, T, D / heads)
@@ -242,7 +243,7 @@ class TextDiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x, t, context, context_mask=None, force_drop_ids=None):
-        """Model output (N, out_channels, H, W) for x (N, C, H, W), timesteps t (N,) and text tokens context (N, L, D_text).
+        """Output (N, out_channels, H, W) for x (N, C, H, W), timesteps t (N,) and text tokens context (N, L, D_text).
 
         context_mask (N, L): the tokenizer's attention mask (1/True = real token, 0/False = padding).
         """
@@ -271,7 +272,7 @@ TEXT_DIT_SHAPES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12)
 
 
 def create_text_model(name, **kwargs):
-    """Build a text-conditional DiT with a zoo shape by its DiT name, e.g. create_text_model("DiT-B/2", routing="dtr")."""
+    """Text-conditional DiT with the zoo shape of a DiT name, e.g. create_text_model("DiT-B/2", routing="dtr")."""
     if name not in DiT_models:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(DiT_models)}")
     size, patch_size = name[len("DiT-"):].split("/")
