@@ -14,15 +14,18 @@ of each is reported (medians too), so a machine shared with other jobs biases th
 import argparse
 import copy
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from diffusion import create_diffusion
-from models import ROUTING_KINDS, DiT_models, create_model
-from train import update_ema
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+from diffusion import create_diffusion  # noqa: E402
+from models import ROUTING_KINDS, DiT_models, create_model  # noqa: E402
+from train import update_ema  # noqa: E402
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
