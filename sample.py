@@ -51,9 +51,9 @@ def grid_labels(class_labels, samples_per_class, num_classes):
     return labels, per_class if per_class > 1 else 4
 
 
+@torch.no_grad()  # sampling only; a decorator, so callers' grad mode is left as it was
 def main(args):
     """Sample the grid and save it as a PNG."""
-    torch.set_grad_enabled(False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.num_sampling_steps < 1:
         raise ValueError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")

@@ -129,6 +129,7 @@ def rgb(images):
 #                                  Sampling                                     #
 #################################################################################
 
+@torch.no_grad()  # sampling only; a decorator, so callers' grad mode is left as it was
 def main(args):
     """Sample the shards this process owns, then (rank 0) join all shards into one .npz."""
     if args.num_fid_samples < 1:
@@ -141,7 +142,6 @@ def main(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32  # official DiT: True, fast, tiny differences
         torch.backends.cudnn.allow_tf32 = args.tf32
-    torch.set_grad_enabled(False)
 
     model, settings = load_checkpoint(args.ckpt, checkpoint_flags(args), args.use_model_weights)
     model = model.to(device)
