@@ -150,7 +150,10 @@ class DiTBlock(nn.Module):
         if self.routing is None:
             return self.dit_block(x, c)
         mask = self.routing(t, dtype=x.dtype)  # (N, 1, D), one row per sample's original timestep
-        return (1 - mask) * x + self.dit_block(mask * x, c)
+        routed = mask * x
+        # (1 - m) * z + DiTBlock(m * z), with (1 - m) * z written as z - m * z: the same values for a 0/1
+        # mask (exactly), one full-size multiply fewer.
+        return self.dit_block(routed, c) + (x - routed)
 
 
 class FinalLayer(nn.Module):
