@@ -9,16 +9,14 @@ input channels; routing tables are non-persistent buffers, so the state_dict key
 guided-diffusion (input_blocks / middle_block / output_blocks / out, time_embed, label_emb, ...)
 and routing adds no parameters.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.routing import TaskRouter, validate_routing
+from models.dit import NUM_TIMESTEPS, timestep_embedding
+from models.routing import ROUTING_CONFIG_KEYS, make_block_router, validate_routing
 
-NUM_TIMESTEPS = 1000  # routing tables are indexed by the original diffusion timestep 0..999
 NORM_GROUPS = 32  # guided-diffusion normalises with GroupNorm(32, C)
 
 
@@ -46,17 +44,6 @@ def zero_module(module):
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
-
-
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding (N, dim) of timesteps t (N,), cosines first (Vaswani et al. / guided-diffusion)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-    return embedding
 
 
 def channel_mask(router, t, ndim, dtype):
@@ -390,15 +377,12 @@ class ADM(nn.Module):
     def _make_router(self, channels):
         """One router per routed block, sized to its input channels; R-TR seeds each block differently."""
         c = self.config
-        if c["routing"] == "none":
-            return None
         index, self._num_routers = self._num_routers, self._num_routers + 1
-        seed = c["routing_seed"] + index if c["routing"] == "random" else c["routing_seed"]
-        return TaskRouter(c["routing"], NUM_TIMESTEPS, channels, c["alpha"], c["beta"], seed)
+        return make_block_router(c["routing"], index, channels, c["alpha"], c["beta"], c["routing_seed"])
 
     def routing_config(self):
         """The settings that rebuild the routing tables (stored in checkpoints)."""
-        return {k: self.config[k] for k in ("routing", "alpha", "beta", "routing_seed")}
+        return {k: self.config[k] for k in ROUTING_CONFIG_KEYS}
 
     def forward(self, x, t, y=None):
         """Model output (N, out_channels, H, W) for x (N, C, H, W), original timesteps t (N,), labels y (N,)."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.routing import TaskRouter, validate_routing
+from models.routing import ROUTING_CONFIG_KEYS, make_block_router, validate_routing
 
 NUM_TIMESTEPS = 1000  # routing tables are indexed by the original diffusion timestep 0..999
 
@@ -25,6 +25,17 @@ def modulate(x, shift, scale):
 #################################################################################
 #               Embedding Layers for Patches, Timesteps and Class Labels        #
 #################################################################################
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding (N, dim) of timesteps t (N,), cosines first as in official DiT and ADM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
 
 class PatchEmbed(nn.Module):
     """Image (N, C, H, W) to patch tokens (N, T, D) by a strided convolution."""
@@ -53,16 +64,7 @@ class TimestepEmbedder(nn.Module):
         )
         self.frequency_embedding_size = frequency_embedding_size
 
-    @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
-        """Sinusoidal embedding (N, dim) of timesteps t (N,), cosines first as in official DiT."""
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-        return embedding
+    timestep_embedding = staticmethod(timestep_embedding)  # official DiT's name for it
 
     def forward(self, t):
         return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
@@ -219,54 +221,20 @@ class DiT(nn.Module):
         # Will use fixed sin-cos embedding:
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, router=self._make_router(routing, i))
+            DiTBlock(hidden_size, num_heads, mlp_ratio,
+                     router=make_block_router(routing, i, hidden_size, alpha, beta, routing_seed))
             for i in range(depth)
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
-    def _make_router(self, routing, block_index):
-        """One router per block; R-TR draws a different table per block from its seed."""
-        if routing == "none":
-            return None
-        c = self.config
-        seed = c["routing_seed"] + block_index if routing == "random" else c["routing_seed"]
-        return TaskRouter(routing, NUM_TIMESTEPS, c["hidden_size"], c["alpha"], c["beta"], seed)
-
     def routing_config(self):
         """The settings that rebuild the routing tables (stored in checkpoints)."""
-        return {k: self.config[k] for k in ("routing", "alpha", "beta", "routing_seed")}
+        return {k: self.config[k] for k in ROUTING_CONFIG_KEYS}
 
     def initialize_weights(self):
-        """Official DiT initialisation: xavier linears, sin-cos pos_embed, zeroed adaLN and output."""
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-        self.apply(_basic_init)
-
-        grid_size = int(self.x_embedder.num_patches ** 0.5)
-        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size)
-        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
-
-        # Initialize patch_embed like nn.Linear (instead of nn.Conv2d):
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-
-        # adaLN-Zero: every block starts as the identity and the model outputs zeros.
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        """Official DiT initialisation, label embeddings N(0, 0.02)."""
+        initialize_dit_weights(self, lambda: nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02))
 
     def unpatchify(self, x):
         """(N, T, patch_size**2 * C) -> (N, C, H, W)."""
@@ -313,6 +281,43 @@ class DiT(nn.Module):
             raise ValueError("the checkpoint carries DTR routing masks (blocks.*.routing._unit_mapping) but "
                              "the model was built with routing='none'; pass the checkpoint's routing settings")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def initialize_dit_weights(model, init_condition_embedding):
+    """Official DiT initialisation of the parts every DiT variant shares: xavier linears, the fixed sin-cos
+    pos_embed, the patch embedding like a linear layer, N(0, 0.02) timestep MLP, and adaLN-Zero (every
+    block's modulation and the output layer zeroed, so a fresh model is the identity and outputs zeros).
+
+    init_condition_embedding() initialises the class / caption embedding at the official point in the
+    sequence, so a seed gives the same weights as the official code.
+    """
+    def _basic_init(module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.constant_(module.bias, 0)
+    model.apply(_basic_init)
+
+    grid_size = int(model.x_embedder.num_patches ** 0.5)
+    pos_embed = get_2d_sincos_pos_embed(model.pos_embed.shape[-1], grid_size)
+    model.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+
+    # Initialize patch_embed like nn.Linear (instead of nn.Conv2d):
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+    nn.init.constant_(model.x_embedder.proj.bias, 0)
+
+    init_condition_embedding()
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+
+    for block in model.blocks:
+        nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+    nn.init.constant_(model.final_layer.adaLN_modulation[-1].weight, 0)
+    nn.init.constant_(model.final_layer.adaLN_modulation[-1].bias, 0)
+    nn.init.constant_(model.final_layer.linear.weight, 0)
+    nn.init.constant_(model.final_layer.linear.bias, 0)
 
 
 #################################################################################

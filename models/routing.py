@@ -129,6 +129,16 @@ def build_masks(kind, num_tasks, channels, alpha=4.0, beta=0.8, seed=0):
     return build_ercdt_masks(num_tasks, channels)
 
 
+ROUTING_CONFIG_KEYS = ("routing", "alpha", "beta", "routing_seed")  # what rebuilds every mask table
+
+
+def make_block_router(kind, block_index, channels, alpha, beta, seed, num_tasks=1000):
+    """The router of one block, or None without routing; R-TR gives block i its own table (seed + i)."""
+    if kind == "none":
+        return None
+    return TaskRouter(kind, num_tasks, channels, alpha, beta, seed + block_index if kind == "random" else seed)
+
+
 class TaskRouter(nn.Module):
     """Holds a fixed mask table and turns timesteps (N,) into masks (N, 1, C) by one gather.
 

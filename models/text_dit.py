@@ -18,13 +18,13 @@ Choices the paper leaves open (the figure only sketches the block):
   attended (a dropped caption's padding mask is replaced by all ones).
 """
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.dit import (NUM_TIMESTEPS, Attention, DiT_models, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder,
-                        get_2d_sincos_pos_embed, modulate)
-from models.routing import TaskRouter, validate_routing
+                        initialize_dit_weights, modulate)
+from models.routing import ROUTING_CONFIG_KEYS, make_block_router, validate_routing
 
 
 #################################################################################
@@ -142,56 +142,25 @@ class TextDiT(nn.Module):
         self.null_context = nn.Parameter(torch.zeros(max_text_len, context_dim)) if caption_dropout_prob > 0 else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([
-            TextDiTBlock(hidden_size, context_dim, num_heads, mlp_ratio, router=self._make_router(routing, i))
+            TextDiTBlock(hidden_size, context_dim, num_heads, mlp_ratio, router=make_block_router(routing, i, hidden_size, alpha, beta, routing_seed))
             for i in range(depth)
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
-    def _make_router(self, routing, block_index):
-        """One router per block; R-TR draws a different table per block from its seed (as DiT)."""
-        if routing == "none":
-            return None
-        c = self.config
-        seed = c["routing_seed"] + block_index if routing == "random" else c["routing_seed"]
-        return TaskRouter(routing, NUM_TIMESTEPS, c["hidden_size"], c["alpha"], c["beta"], seed)
-
     def routing_config(self):
         """The settings that rebuild the routing tables (stored in checkpoints)."""
-        return {k: self.config[k] for k in ("routing", "alpha", "beta", "routing_seed")}
+        return {k: self.config[k] for k in ROUTING_CONFIG_KEYS}
 
     def initialize_weights(self):
         """DiT initialisation, plus zeroed cross-attention outputs so every block starts as the identity."""
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-        self.apply(_basic_init)
-
-        grid_size = int(self.x_embedder.num_patches ** 0.5)
-        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size)
-        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
-
-        # Initialize patch_embed like nn.Linear (instead of nn.Conv2d):
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-
-        if self.null_context is not None:
-            nn.init.normal_(self.null_context, std=0.02)  # as DiT's label embedding table, null row included
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-
+        def init_null_caption():
+            if self.null_context is not None:
+                nn.init.normal_(self.null_context, std=0.02)  # as DiT's label embedding table, null row included
+        initialize_dit_weights(self, init_null_caption)
         for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
             nn.init.constant_(block.cross_attn.proj.weight, 0)
             nn.init.constant_(block.cross_attn.proj.bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
 
     def null_condition(self, with_mask=False):
         """Unconditional model kwargs for diffusion.guidance.ClassifierFreeGuidance (uncond_kwargs).
