@@ -17,9 +17,8 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from atomic_file import atomic_write
-from diffusion import create_diffusion
-from load_checkpoint import add_checkpoint_arguments, checkpoint_flags, load_checkpoint
-from seeded_sampling import generate, load_vae, parse_guide_channels, resolve_cfg_scale, to_uint8
+from load_checkpoint import add_checkpoint_arguments
+from seeded_sampling import generate, load_for_sampling, parse_guide_channels, to_uint8
 
 
 OFFICIAL_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # official DiT's sample.py grid
@@ -58,12 +57,7 @@ def main(args):
     if args.num_sampling_steps < 1:
         raise ValueError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
 
-    model, settings = load_checkpoint(args.ckpt, checkpoint_flags(args), args.use_model_weights)
-    model = model.to(device)
-    cfg_scale = resolve_cfg_scale(args.cfg_scale, model.num_classes, default=4.0)
-    respacing = f"ddim{args.num_sampling_steps}" if args.sampler == "ddim" else str(args.num_sampling_steps)
-    diffusion = create_diffusion(**{**settings.diffusion_config, "timestep_respacing": respacing})
-    vae = None if settings.vae == "none" else load_vae(settings.vae, device)
+    model, settings, cfg_scale, diffusion, vae = load_for_sampling(args, device, default_cfg_scale=4.0)
 
     labels, nrow = grid_labels(args.class_labels, args.samples_per_class, model.num_classes)
     samples = generate(model, diffusion, args.sampler, list(range(len(labels))), labels, args.seed, cfg_scale,

@@ -27,11 +27,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from atomic_file import atomic_write
-from diffusion import create_diffusion
-from load_checkpoint import add_checkpoint_arguments, checkpoint_flags, load_checkpoint
+from load_checkpoint import add_checkpoint_arguments
 from process_group import setup_distributed
-from seeded_sampling import (class_labels, generate, load_vae, parse_guide_channels, resolve_cfg_scale,
-                             to_uint8)
+from seeded_sampling import class_labels, generate, load_for_sampling, parse_guide_channels, to_uint8
 
 
 #################################################################################
@@ -143,12 +141,7 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = args.tf32  # official DiT: True, fast, tiny differences
         torch.backends.cudnn.allow_tf32 = args.tf32
 
-    model, settings = load_checkpoint(args.ckpt, checkpoint_flags(args), args.use_model_weights)
-    model = model.to(device)
-    cfg_scale = resolve_cfg_scale(args.cfg_scale, model.num_classes, default=1.5)
-    respacing = f"ddim{args.num_sampling_steps}" if args.sampler == "ddim" else str(args.num_sampling_steps)
-    diffusion = create_diffusion(**{**settings.diffusion_config, "timestep_respacing": respacing})
-    vae = None if settings.vae == "none" else load_vae(settings.vae, device)
+    model, settings, cfg_scale, diffusion, vae = load_for_sampling(args, device, default_cfg_scale=1.5)
 
     name = run_name(args, settings, cfg_scale)
     shard_dir = os.path.join(args.sample_dir, f"{name}.shards")

@@ -9,7 +9,9 @@ batched model forward.
 import numpy as np
 import torch
 
+from diffusion import create_diffusion
 from diffusion.guidance import ClassifierFreeGuidance
+from load_checkpoint import checkpoint_flags, load_checkpoint
 
 
 # Independent random streams of one sample.
@@ -89,6 +91,17 @@ def generate(model, diffusion, sampler, indices, labels, global_seed, cfg_scale=
     # x_T and every step's noise come from each sample's own generator (DDIM with eta = 0 uses none)
     return loop(model_fn, shape, noise=noise(shape), clip_denoised=clip_denoised, model_kwargs={"y": labels.to(device)},
                 device=device, progress=progress, noise_fn=lambda x: noise(x.shape))
+
+
+def load_for_sampling(args, device, default_cfg_scale):
+    """(model, settings, cfg_scale, diffusion, vae) from a sampling script's --ckpt, --sampler and step flags."""
+    model, settings = load_checkpoint(args.ckpt, checkpoint_flags(args), args.use_model_weights)
+    model = model.to(device)
+    cfg_scale = resolve_cfg_scale(args.cfg_scale, model.num_classes, default=default_cfg_scale)
+    respacing = f"ddim{args.num_sampling_steps}" if args.sampler == "ddim" else str(args.num_sampling_steps)
+    diffusion = create_diffusion(**{**settings.diffusion_config, "timestep_respacing": respacing})
+    vae = None if settings.vae == "none" else load_vae(settings.vae, device)
+    return model, settings, cfg_scale, diffusion, vae
 
 
 def parse_guide_channels(value):
