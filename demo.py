@@ -29,6 +29,7 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from atomic_file import atomic_write
 from imagedata.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_files
 from models.routing import build_masks
 
@@ -146,10 +147,8 @@ def run_training(cmd, results_dir, max_steps, log_path, env):
 #################################################################################
 
 def save_png(image, path):
-    """PIL image -> PNG through a temporary file and os.replace (a crash never leaves half a picture)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """PIL image -> PNG, atomically (a crash never leaves half a picture)."""
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def draw_loss_curve(metrics_path, out_path, width=640, height=400):
@@ -292,10 +291,7 @@ def write_report(path, context):
     ]
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in c["timings"].items()]
     lines.append(f"| total | {sum(c['timings'].values()):.0f} |")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
 
 
 def other_runs(results_dir, run_dir, reference):

@@ -51,6 +51,14 @@ _PREDICTION_NAMES = {ModelMeanType.EPSILON: "epsilon", ModelMeanType.START_X: "x
                      ModelMeanType.VELOCITY: "velocity"}
 
 
+def split_learned_variance(model_output, channels):
+    """(prediction, variance values): the two halves of a learned-variance output (N, 2C, ...)."""
+    if model_output.shape[1] != 2 * channels:
+        raise ValueError(f"learned variance needs {2 * channels} output channels (eps, var), "
+                         f"got {model_output.shape[1]}")
+    return torch.split(model_output, channels, dim=1)
+
+
 def mean_flat(tensor):
     """Mean over all non-batch dimensions: (N, ...) -> (N,)."""
     return tensor.mean(dim=list(range(1, tensor.dim())))
@@ -191,10 +199,7 @@ class GaussianDiffusion:
         C = x.shape[1]
 
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            if model_output.shape[1] != 2 * C:
-                raise ValueError(f"learned variance needs {2 * C} output channels (eps, var), "
-                                 f"got {model_output.shape[1]}")
-            model_output, var_values = torch.split(model_output, C, dim=1)
+            model_output, var_values = split_learned_variance(model_output, C)
             if self.model_var_type == ModelVarType.LEARNED:
                 model_log_variance = var_values
             else:
@@ -400,10 +405,7 @@ class GaussianDiffusion:
         model_output = self._run_model(model, x_t, t, model_kwargs)
         C = x_t.shape[1]
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            if model_output.shape[1] != 2 * C:
-                raise ValueError(f"learned variance needs {2 * C} output channels (eps, var), "
-                                 f"got {model_output.shape[1]}")
-            model_output, var_values = torch.split(model_output, C, dim=1)
+            model_output, var_values = split_learned_variance(model_output, C)
             # the VB term sees the mean as a constant: it trains the variance only (improved DDPM Sec. 3.1)
             frozen_out = torch.cat([model_output.detach(), var_values], dim=1)
             terms["vb"] = self._vb_terms_bpd(lambda *args, r=frozen_out: r, x_start, x_t, t)["output"]
