@@ -29,7 +29,7 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from atomic_file import atomic_write
+from storage.atomic_file import atomic_write
 from imagedata.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_files
 from models.routing import build_masks
 

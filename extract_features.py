@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from imagedata import BadImageError, ImageFileDataset, build_dataset
 from imagedata.latents import read_shard_record, shard_is_finished, write_manifest, write_shard
-from process_group import setup_distributed
+from launch.process_group import setup_distributed
 
 LATENT_SCALE = 0.18215  # SD VAE latent scale used by DiT / LDM
 VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}  # official DiT --vae

@@ -5,7 +5,7 @@
 
 Model, routing and diffusion settings come from the checkpoint; raw state_dicts are built from the
 flags with official DiT's defaults. Image i of the grid depends only on --seed and i (see
-seeded_sampling), so it matches sample i of sample_ddp.py for the same labels and settings.
+sampling/seeded.py), so it matches sample i of sample_ddp.py for the same labels and settings.
 """
 import argparse
 import math
@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from atomic_file import atomic_write
-from load_checkpoint import add_checkpoint_arguments
-from seeded_sampling import generate, load_for_sampling, parse_guide_channels, to_uint8
+from storage.atomic_file import atomic_write
+from storage.checkpoint import add_checkpoint_arguments
+from sampling.seeded import generate, load_for_sampling, parse_guide_channels, to_uint8
 
 
 OFFICIAL_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # official DiT's sample.py grid

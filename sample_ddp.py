@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from atomic_file import atomic_write
-from load_checkpoint import add_checkpoint_arguments
-from process_group import setup_distributed
-from seeded_sampling import class_labels, generate, load_for_sampling, parse_guide_channels, to_uint8
+from storage.atomic_file import atomic_write
+from storage.checkpoint import add_checkpoint_arguments
+from launch.process_group import setup_distributed
+from sampling.seeded import class_labels, generate, load_for_sampling, parse_guide_channels, to_uint8
 
 
 #################################################################################

@@ -42,11 +42,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from atomic_file import atomic_write
+from storage.atomic_file import atomic_write
 from diffusion import WEIGHTINGS, create_diffusion
 from imagedata import build_dataset
 from models import DiT, DiT_models, ROUTING_KINDS, create_model
-from process_group import cleanup_distributed, setup_distributed
+from launch.process_group import cleanup_distributed, setup_distributed
 
 LATENT_SCALE = 0.18215  # SD VAE latent scale, as official DiT
 CUSTOM_DIT_FLAGS = ("hidden_size", "depth", "num_heads", "patch_size")  # architecture overrides of a custom DiT

@@ -2,7 +2,7 @@
 
     python benchmarks/sampling_throughput.py --models tiny DiT-S/2 --batch-size 8 --measure-steps 3
 
-Runs the real sampling path (seeded_sampling.generate: per-sample noise, CFG wrapper, DDPM/DDIM step)
+Runs the real sampling path (sampling.seeded.generate: per-sample noise, CFG wrapper, DDPM/DDIM step)
 for --measure-steps steps and extrapolates to the full step count (model cost per step is the same
 at every step); the printed numbers are labelled "extrapolated". The VAE decode (once per image)
 is not included. Random weights: speed does not depend on them.
@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion import create_diffusion  # noqa: E402
 from models import DiT, create_model  # noqa: E402
-from seeded_sampling import class_labels, generate  # noqa: E402
+from sampling.seeded import class_labels, generate  # noqa: E402
 
 
 def build(name):

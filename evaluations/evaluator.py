@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import torch
 
-from atomic_file import atomic_write_json
+from storage.atomic_file import atomic_write_json
 from evaluations.batch_npz import read_batch, write_npz_atomic
 from evaluations.inception import InceptionFeatures
 from evaluations.metrics import feature_statistics, frechet_distance, inception_score, precision_recall

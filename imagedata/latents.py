@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from atomic_file import atomic_write, atomic_write_json
+from storage.atomic_file import atomic_write, atomic_write_json
 
 from .flip import SeededFlip
 

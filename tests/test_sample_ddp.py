@@ -1,4 +1,4 @@
-"""sample_ddp.py / seeded_sampling.py: world-size invariance, exact resume, CFG, formats, bad input."""
+"""sample_ddp.py / sampling/seeded.py: world-size invariance, exact resume, CFG, formats, bad input."""
 import argparse
 import os
 import subprocess
@@ -10,9 +10,9 @@ import torch
 
 import sample_ddp
 from diffusion import ClassifierFreeGuidance, create_diffusion
-from load_checkpoint import load_checkpoint
+from storage.checkpoint import load_checkpoint
 from models import DiT, create_model
-from seeded_sampling import (PerSampleNoise, class_labels, generate, model_function,
+from sampling.seeded import (PerSampleNoise, class_labels, generate, model_function,
                              to_uint8)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import torch
 
 from diffusion import create_diffusion
 from diffusion.guidance import ClassifierFreeGuidance
-from load_checkpoint import checkpoint_flags, load_checkpoint
+from storage.checkpoint import checkpoint_flags, load_checkpoint
 
 
 # Independent random streams of one sample.

@@ -1,0 +1,1 @@
+"""How a script joins its process group: torchrun, or a single process."""

@@ -1,0 +1,1 @@
+"""What runs write to disk: crash-safe file writes and the checkpoint format."""
