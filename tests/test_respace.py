@@ -37,6 +37,44 @@ def test_comma_list_takes_counts_per_equal_section():
     assert kept[0] == 0 and kept[9] == 99 and kept[10] == 100 and kept[-1] == 299
 
 
+def official_sections(num_timesteps, counts):
+    """Improved DDPM / ADM section spacing from its description: equal sections (the first
+    T mod n one step longer), each keeping `count` steps at a running float64 sum of the stride
+    (size - 1) / (count - 1) from the section's start, rounded half to even; vectorised here with
+    a sequential cumsum and np.round rather than the module's Python loop."""
+    kept, start = [], 0
+    for i, count in enumerate(counts):
+        size = num_timesteps // len(counts) + (1 if i < num_timesteps % len(counts) else 0)
+        stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+        positions = np.concatenate([[0.0], np.cumsum(np.full(count - 1, stride))])
+        kept.extend((start + np.round(positions).astype(np.int64)).tolist())
+        start += size
+    return set(kept)
+
+
+def test_every_single_section_count_keeps_the_official_steps():
+    for count in range(1, 1001):
+        kept = space_timesteps(1000, str(count))
+        assert kept == official_sections(1000, [count]), count
+        assert len(kept) == count and min(kept) == 0 and max(kept) == (999 if count > 1 else 0)
+
+
+def test_21_steps_keep_499_like_official_not_500():
+    # (999 / 20) * 10 = 499.5 rounds to 500, but ten running additions of 49.95 land at
+    # 499.49999999999994 and round to 499: the case that separates the two formulas
+    kept = space_timesteps(1000, "21")
+    assert 499 in kept and 500 not in kept
+    stride = 999 / 20
+    naive = {round(j * stride) for j in range(21)}
+    assert naive != kept and naive ^ kept == {499, 500}
+
+
+@pytest.mark.parametrize("counts", [[10, 15, 20], [7, 3], [21, 21, 21], [1, 2, 3, 4, 5, 6, 7]])
+def test_multi_section_strings_keep_the_official_steps(counts):
+    for T in (300, 1000):
+        assert space_timesteps(T, ",".join(map(str, counts))) == official_sections(T, counts)
+
+
 @pytest.mark.parametrize("respacing", ["250", "ddim50", "10,15,20", [7, 3]])
 def test_respaced_betas_reproduce_alpha_bar_at_kept_steps(respacing):
     base = create_diffusion("", noise_schedule="squaredcos_cap_v2")
