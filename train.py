@@ -47,6 +47,8 @@ from diffusion import WEIGHTINGS, create_diffusion
 from imagedata import build_dataset
 from models import DiT, DiT_models, ROUTING_KINDS, create_model
 from launch.process_group import cleanup_distributed, setup_distributed
+from storage.run_folder import prune_checkpoints, resolve_run
+from storage.run_record import write_run_record
 
 LATENT_SCALE = 0.18215  # SD VAE latent scale, as official DiT
 CUSTOM_DIT_FLAGS = ("hidden_size", "depth", "num_heads", "patch_size")  # architecture overrides of a custom DiT
@@ -303,13 +305,21 @@ def train(args, rank, world_size, device):
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
 
-    # Experiment folder and resume state:
+    # Experiment folder and resume state (rank 0 decides; --resume auto finds the newest checkpoint):
+    located = [None, None, []]
+    if rank == 0:
+        located = list(resolve_run(args.results_dir, model_name(args).replace("/", "-"), args.exp_name,
+                                   args.resume))
+    if world_size > 1:
+        dist.broadcast_object_list(located, src=0)
+    experiment_dir, resume_path, removed_temp_files = located
     train_steps, epoch, position = 0, 0, 0
-    if args.resume is not None:
-        if not os.path.isfile(args.resume):
-            raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-        check_resume_compatible(checkpoint, args.resume, model_config, diffusion_config)
+    checkpoint = None
+    if resume_path is not None:
+        if not os.path.isfile(resume_path):
+            raise FileNotFoundError(f"--resume checkpoint not found: {resume_path}")
+        checkpoint = torch.load(resume_path, map_location="cpu", weights_only=True)
+        check_resume_compatible(checkpoint, resume_path, model_config, diffusion_config)
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
         opt.load_state_dict(checkpoint["opt"])
@@ -318,31 +328,23 @@ def train(args, rank, world_size, device):
             scaler.load_state_dict(checkpoint["scaler"])
         train_steps = checkpoint["step"]
         epoch, position = checkpoint["data_state"]["epoch"], checkpoint["data_state"]["position"]
-        experiment_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
-    else:
-        checkpoint = None
-        experiment_dir = None
-        if rank == 0:
-            os.makedirs(args.results_dir, exist_ok=True)
-            experiment_index = len(glob(f"{args.results_dir}/*"))
-            experiment_dir = f"{args.results_dir}/{experiment_index:03d}-{model_name(args).replace('/', '-')}"
-        if world_size > 1:
-            shared = [experiment_dir]
-            dist.broadcast_object_list(shared, src=0)
-            experiment_dir = shared[0]
     checkpoint_dir = f"{experiment_dir}/checkpoints"
     metrics_path = f"{experiment_dir}/metrics.jsonl"
     if rank == 0:
         os.makedirs(checkpoint_dir, exist_ok=True)
-        if checkpoint is not None:
-            truncate_metrics(metrics_path, train_steps)
+        truncate_metrics(metrics_path, train_steps)  # lines past the resume point are redone
+        write_run_record(experiment_dir, args, world_size, resumed_from=resume_path, step=train_steps)
     if world_size > 1:
         dist.barrier()
     logger = create_logger(experiment_dir, rank)
 
     try:
+        for path in removed_temp_files:
+            logger.info(f"Removed {path}, left by a save that was killed mid-write")
         if checkpoint is not None:
-            logger.info(f"Resumed from {args.resume} at step {train_steps} (epoch {epoch}, batch {position})")
+            logger.info(f"Resumed from {resume_path} at step {train_steps} (epoch {epoch}, batch {position})")
+        elif args.resume == "auto":
+            logger.info(f"--resume auto: no checkpoint in {checkpoint_dir} yet, starting from step 0")
         logger.info(f"Experiment directory: {experiment_dir}")
         logger.info(f"{model_config['model']} parameters: {sum(p.numel() for p in model.parameters()):,}; "
                     f"routing {model.routing_config()}")
@@ -456,6 +458,9 @@ def train(args, rank, world_size, device):
                     epoch, position = epoch + 1, 0
                 if at_ckpt:
                     save(train_steps)
+                    if rank == 0 and args.keep_last is not None:
+                        for path in prune_checkpoints(checkpoint_dir, args.keep_last, args.keep_every):
+                            logger.info(f"Removed {path} (--keep-last {args.keep_last})")
                 if train_steps >= max_steps:
                     break
         model.eval()
@@ -515,7 +520,16 @@ def build_parser():
     optim.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     optim.add_argument("--log-every", type=int, default=100)
     optim.add_argument("--ckpt-every", type=int, default=50_000)
-    optim.add_argument("--resume", type=str, default=None, help="checkpoint to continue (same experiment folder)")
+    run = parser.add_argument_group("run folder and resume")
+    run.add_argument("--exp-name", type=str, default=None,
+                     help="run folder <results-dir>/NAME (default: a new <results-dir>/NNN-<model>)")
+    run.add_argument("--resume", type=str, default=None,
+                     help="checkpoint to continue (in its run folder), or 'auto': the newest complete checkpoint "
+                          "of --exp-name's folder, starting fresh if there is none (requeued jobs)")
+    run.add_argument("--keep-last", type=int, default=None,
+                     help="keep only the K newest checkpoints (default: keep all), plus --keep-every's milestones")
+    run.add_argument("--keep-every", type=int, default=None,
+                     help="with --keep-last: never delete checkpoints whose step is a multiple of this")
     return parser
 
 
@@ -561,6 +575,8 @@ def check_data_paths(args):
             raise FileNotFoundError(f"--{flag.replace('_', '-')} does not exist or is not a directory: {path}")
         if path is not None and not os.listdir(path):
             raise FileNotFoundError(f"--{flag.replace('_', '-')} is empty: {path}")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
 
 
 def validate_args(args):
@@ -578,6 +594,15 @@ def validate_args(args):
     for flag in ("global_batch_size", "log_every", "ckpt_every", "epochs", "image_size", "num_classes"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.resume == "auto" and args.exp_name is None:
+        raise ValueError("--resume auto needs --exp-name NAME: a numbered run folder is new at every start")
+    if args.exp_name is not None and (not args.exp_name or os.sep in args.exp_name or args.exp_name in (".", "..")):
+        raise ValueError(f"--exp-name must be a folder name without '{os.sep}', got {args.exp_name!r}")
+    for flag in ("keep_last", "keep_every"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.keep_every is not None and args.keep_last is None:
+        raise ValueError("--keep-every only spares checkpoints from --keep-last pruning; give --keep-last K too")
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
     if not 0 <= args.ema_decay <= 1:
