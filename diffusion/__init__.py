@@ -22,7 +22,7 @@ How train.py uses the loss weighting (paper Table 2)
     ...
     t = sampler.sample_timesteps(x.shape[0], device, generator=gen)  # (N,) int64 (or official: t, _ = sampler.sample(N, device))
     loss_dict = diffusion.training_losses(model, x, t, model_kwargs=dict(y=y))
-    loss = loss_dict["loss"].mean()                      # weighting already applied per sample, VB unweighted
+    loss = loss_dict["loss"].mean()                      # weighting already applied per sample
     opt.zero_grad(); loss.backward()
     weighting.all_reduce_gradients()                     # DDP: s_k is outside the DDP model; averages its grad
     opt.step()
@@ -30,8 +30,9 @@ How train.py uses the loss weighting (paper Table 2)
     weighting.load_state_dict(checkpoint["loss_weighting"])      # on resume (opt state carries the s_k group)
 
 loss_dict holds per-sample (N,) tensors: "mse" (raw), "weighted_mse", "vb" (learned sigma) and
-"loss" = weighted_mse + vb. The VB term is never weighted. ANT-UW's batch mean equals
-(1/K) sum_k 0.5 * (exp(-s_k) L_k + s_k) over the clusters in the batch; with a batch size not
+"loss" = weighted_mse + vb; Min-SNR and P2 leave the VB term unweighted. ANT-UW weights the whole
+loss as the ANT and DTR releases do: "loss" = ant_uw(mse + vb, t), whose mean over the global batch is
+sum_k 0.5 * (exp(-s_k) L_k / K + s_k) over the clusters in the batch; with a batch size not
 divisible by K the stratified sampler gives N mod K randomly chosen clusters one extra sample
 (see timestep_sampler.StratifiedTimestepSampler). Min-SNR weights follow the prediction target
 (eps: min(snr, g)/snr, x0: min(snr, g), v: min(snr, g)/(snr + 1)).

@@ -388,8 +388,9 @@ class GaussianDiffusion:
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
         """Per-sample losses at timesteps t: {"loss", "mse", "vb"} (improved DDPM Eq. 16, L_hybrid).
 
-        "mse" is the raw prediction error, "loss" = loss_weighting(mse, t) + vb; the VB term is
-        computed with the mean detached (so it only trains the variance) and never weighted.
+        "mse" is the raw prediction error, "loss" = loss_weighting(mse, t) + vb, or for ANT-UW
+        loss_weighting(mse + vb, t); the VB term is computed with the mean detached (so it only
+        trains the variance) and weighted by ANT-UW only.
         """
         if noise is None:
             noise = torch.randn_like(x_start)
@@ -422,6 +423,10 @@ class GaussianDiffusion:
         if model_output.shape != target.shape:
             raise ValueError(f"model output {tuple(model_output.shape)} != target {tuple(target.shape)}")
         terms["mse"] = mean_flat((target - model_output) ** 2)
+        if self.loss_weighting.weights_vb:
+            # ANT-UW: the cluster's uncertainty weights its whole loss, MSE + VB (the ANT / DTR releases)
+            terms["loss"] = self.loss_weighting(terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"], t)
+            return terms
         terms["weighted_mse"] = self.loss_weighting(terms["mse"], t)
         terms["loss"] = terms["weighted_mse"] + terms["vb"] if "vb" in terms else terms["weighted_mse"]
         return terms

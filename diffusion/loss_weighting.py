@@ -1,7 +1,8 @@
 """Per-sample MSE loss weightings from the MTL view of diffusion (paper Table 2): vanilla, Min-SNR, P2, ANT-UW.
 
-Each weighting maps the per-sample MSE (N,) and timesteps t (N,) to a weighted per-sample loss (N,).
-Only the MSE term is weighted; GaussianDiffusion adds the VB term unweighted.
+Each weighting maps the per-sample MSE (N,) and timesteps t (N,) to a weighted per-sample loss (N,);
+GaussianDiffusion adds the VB term unweighted. ANT-UW (weights_vb = True) instead weights the whole
+per-sample loss MSE + VB, as the ANT and DTR releases do.
 snr(t) = alpha_bar_t / (1 - alpha_bar_t).
 """
 
@@ -30,6 +31,8 @@ def _check_positive(name, value):
 
 class LossWeighting(nn.Module):
     """Vanilla weighting: loss = mse (DDPM's simple loss). Base class; holds the snr table."""
+
+    weights_vb = False  # True: forward receives the whole per-sample loss MSE + VB, not the MSE alone
 
     def __init__(self, alphas_cumprod):
         super().__init__()
@@ -98,13 +101,26 @@ class P2Weighting(LossWeighting):
 
 
 class ANTUncertaintyWeighting(LossWeighting):
-    """ANT-UW (Go et al. 2023; Kendall et al. 2018): K timestep clusters, loss 0.5 * (exp(-s_k) L_k + s_k).
+    """ANT-UW (Go et al. 2023, with Kendall et al. 2018): sum_k 0.5 * (exp(-s_k) L_k / K + s_k) over K timestep clusters.
 
-    s_k = log sigma_k^2 is learnable, initialised at 0. L_k is the mean MSE of the batch samples in
-    cluster k. The per-sample losses are scaled so their batch mean is the average over the clusters
-    present in the batch: mean_i loss_i = (1/K) sum_k 0.5 * (exp(-s_k) L_k + s_k), whatever the
-    cluster counts (each sample of cluster k carries N / (K n_k)).
+    The objective of the ANT authors' code and of the DTR release, where the paper's Table 2
+    (5.85 -> 4.61) and Table 3 (2.33) come from: s_k = log sigma_k^2 is learnable, initialised
+    at 0; L_k is the mean over the global batch's samples in cluster k of the WHOLE per-sample
+    loss, MSE + VB (so, unlike the other weightings, this one also weights the VB term).
+    Setting d/ds_k = 0 gives its equilibrium exp(s_k) = L_k / K: each cluster's loss then enters
+    the model's gradient with weight 0.5 exp(-s_k) / K = 0.5 / L_k.
+
+    Not implemented: Kendall et al.'s objective taken literally, mean_k 0.5 * (exp(-s_k) L_k + s_k)
+    with L_k the MSE only, which this module computed before. Its equilibrium is exp(s_k) = L_k,
+    K times larger, and its model weight 0.5 / (K L_k). The ANT paper cites Kendall et al. for UW
+    without writing a different equation, and ANT's own code uses the form above.
+
+    Per-sample losses are scaled so that their mean over the global batch is the objective:
+    sample i of cluster k carries (N / n_k) * 0.5 * (exp(-s_k) loss_i / K + s_k), where n_k counts
+    the cluster's samples over all DDP ranks (summed with one all-reduce of K integers).
     """
+
+    weights_vb = True
 
     def __init__(self, alphas_cumprod, num_clusters=8, lr=0.025):
         super().__init__(alphas_cumprod)
@@ -118,13 +134,19 @@ class ANTUncertaintyWeighting(LossWeighting):
         """(N,) cluster id of each timestep, floor(t K / T)."""
         return cluster_index(t, self.num_timesteps, self.num_clusters)
 
-    def forward(self, mse, t):
-        _check_per_sample(mse, t)
+    def forward(self, loss, t):
+        """Per-sample share (N,) of the objective from the per-sample loss MSE + VB (N,) at timesteps t (N,)."""
+        _check_per_sample(loss, t)
         k = self.cluster_index(t)
-        n_k = torch.bincount(k, minlength=self.num_clusters)  # (K,) samples per cluster in this batch
-        share = mse.shape[0] / (self.num_clusters * n_k[k].to(mse.dtype))  # (N,) N / (K n_k)
-        s = self.log_vars.to(mse.dtype)[k]
-        return share * 0.5 * (torch.exp(-s) * mse + s)
+        n_k = torch.bincount(k, minlength=self.num_clusters)  # (K,) samples per cluster, this rank
+        global_batch = torch.tensor(loss.shape[0], device=n_k.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # cluster means over the global batch, as the release's (equal-per-rank) batches give
+            dist.all_reduce(n_k)
+            dist.all_reduce(global_batch)
+        share = global_batch.to(loss.dtype) / n_k[k].to(loss.dtype)  # (N,) N / n_k
+        s = self.log_vars.to(loss.dtype)[k]
+        return share * 0.5 * (torch.exp(-s) * loss / self.num_clusters + s)
 
     def timestep_sampler(self):
         return StratifiedTimestepSampler(self.num_timesteps, self.num_clusters)

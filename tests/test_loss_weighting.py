@@ -85,30 +85,98 @@ def test_min_snr_gives_the_same_loss_for_eps_x0_and_v_parameterisations():
     torch.testing.assert_close(losses["v"], losses["x0"])
 
 
-def test_ant_uw_batch_mean_is_cluster_average_of_uncertainty_loss():
+def test_ant_uw_batch_mean_is_the_release_objective_by_hand():
     d = create_diffusion("", loss_weighting="ant-uw")
     w = d.loss_weighting
     with torch.no_grad():
         w.log_vars.copy_(torch.linspace(-1, 1, 8))
     # unequal cluster counts: 3 samples in cluster 0, 1 in cluster 3, 2 in cluster 7
     t = torch.tensor([0, 50, 124, 400, 875, 999])
-    mse = torch.tensor([0.5, 1.0, 1.5, 2.0, 0.25, 0.75])
-    s = w.log_vars.detach()
-    L = {0: mse[:3].mean(), 3: mse[3], 7: mse[4:].mean()}
-    expected = sum(0.5 * (torch.exp(-s[k]) * L[k] + s[k]) for k in L) / 8
-    assert w(mse, t).mean().item() == pytest.approx(expected.item(), rel=1e-6)
+    loss = torch.tensor([0.5, 1.0, 1.5, 2.0, 0.25, 0.75], dtype=torch.float64)
+    s = torch.linspace(-1, 1, 8, dtype=torch.float64)  # s_0 = -1, s_3 = -1/7, s_7 = 1
+    # sum over the clusters present of 0.5 * (exp(-s_k) * L_k / 8 + s_k), L_0 = 1, L_3 = 2, L_7 = 0.5
+    by_hand = (0.5 * (np.e * 1.0 / 8 - 1) + 0.5 * (np.exp(1 / 7) * 2.0 / 8 - 1 / 7)
+               + 0.5 * (np.exp(-1) * 0.5 / 8 + 1))
+    assert w(loss, t).mean().item() == pytest.approx(by_hand, rel=1e-6)
+    L = {0: loss[:3].mean(), 3: loss[3], 7: loss[4:].mean()}
+    assert by_hand == pytest.approx(sum(0.5 * (torch.exp(-s[k]) * L[k] / 8 + s[k]) for k in L).item(), rel=1e-12)
+
+
+def test_ant_uw_weights_mse_plus_vb_like_the_release():
+    torch.manual_seed(0)
+    vanilla = create_diffusion("")
+    ant = create_diffusion("", loss_weighting="ant-uw")
+    x0, noise = torch.randn(8, 2, 2, 2, dtype=torch.float64), torch.randn(8, 2, 2, 2, dtype=torch.float64)
+    model = lambda x, t: torch.cat([0.5 * x, 0.3 * torch.tanh(x)], dim=1)
+    t = torch.arange(0, 1000, 125) + 7  # one sample per cluster
+    a = vanilla.training_losses(model, x0, t, noise=noise)
+    b = ant.training_losses(model, x0, t, noise=noise)
+    assert (a["vb"] > 0).all()
+    # s = 0, one sample per cluster: loss_i = 8 * 0.5 * (mse_i + vb_i) / 8
+    torch.testing.assert_close(b["loss"], 0.5 * (a["mse"] + a["vb"]))
+
+
+def test_ant_uw_settles_at_exp_s_equal_to_cluster_loss_over_k():
+    w = ANTUncertaintyWeighting(create_diffusion("").alphas_cumprod, num_clusters=8)
+    t = torch.arange(0, 1000, 125).repeat_interleave(2) + torch.tensor([0, 60] * 8)  # 2 per cluster
+    loss = torch.linspace(0.05, 1.6, 16, dtype=torch.float64)
+    L = loss.view(8, 2).mean(1)
+    with torch.no_grad():
+        w.log_vars.copy_(torch.log(L / 8))
+    w(loss, t).mean().backward()
+    # s_k is float32: its rounding (|ds| <= |s| 2^-24) leaves a gradient of at most 0.5 |ds| per cluster
+    atol = 0.5 * w.log_vars.detach().abs().max().item() * 2.0 ** -23
+    torch.testing.assert_close(w.log_vars.grad, torch.zeros(8), atol=atol, rtol=0)
+    # and the literal Kendall form's stationary point exp(s_k) = L_k is not one of this objective
+    w.log_vars.grad = None
+    with torch.no_grad():
+        w.log_vars.copy_(torch.log(L))
+    w(loss, t).mean().backward()
+    torch.testing.assert_close(w.log_vars.grad, torch.full((8,), 0.5 * (1 - 1 / 8)), rtol=1e-6, atol=0)
 
 
 def test_ant_uw_gradient_reaches_log_variances_with_closed_form():
     d = create_diffusion("", loss_weighting="ant-uw")
     w = d.loss_weighting
     t = d.timestep_sampler.sample_timesteps(16, "cpu", generator=torch.Generator().manual_seed(0))
-    mse = torch.rand(16)
-    w(mse, t).mean().backward()
+    loss = torch.rand(16)
+    w(loss, t).mean().backward()
     k = w.cluster_index(t)
-    L = torch.stack([mse[k == j].mean() for j in range(8)])
-    # d/ds_k of (1/K) * 0.5 (exp(-s_k) L_k + s_k) at s = 0
-    torch.testing.assert_close(w.log_vars.grad, (0.5 * (1 - L)) / 8)
+    L = torch.stack([loss[k == j].mean() for j in range(8)])
+    # d/ds_k of 0.5 (exp(-s_k) L_k / K + s_k) at s = 0
+    torch.testing.assert_close(w.log_vars.grad, 0.5 * (1 - L / 8))
+
+
+def _ant_uw_rank(rank, world_size, init_file, loss, t, out):
+    """One gloo rank: its strided share of the global batch through ANT-UW, gradient averaged like DDP."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    w = ANTUncertaintyWeighting(create_diffusion("").alphas_cumprod, num_clusters=8)
+    with torch.no_grad():
+        w.log_vars.copy_(torch.linspace(-0.5, 0.5, 8))
+    value = w(loss[rank::world_size], t[rank::world_size]).mean()
+    value.backward()
+    w.all_reduce_gradients()
+    dist.all_reduce(value.detach())
+    if rank == 0:
+        torch.save({"value": value.detach() / world_size, "grad": w.log_vars.grad}, out)
+    dist.destroy_process_group()
+
+
+def test_ant_uw_on_two_gloo_ranks_matches_one_process_on_the_global_batch(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (12,), generator=gen)  # uneven clusters, unevenly split over the ranks
+    loss = torch.rand(12, generator=gen, dtype=torch.float64)
+    torch.multiprocessing.spawn(_ant_uw_rank, args=(2, str(tmp_path / "init"), loss, t, str(tmp_path / "out.pt")),
+                                nprocs=2)
+    ddp = torch.load(tmp_path / "out.pt")
+    w = ANTUncertaintyWeighting(create_diffusion("").alphas_cumprod, num_clusters=8)
+    with torch.no_grad():
+        w.log_vars.copy_(torch.linspace(-0.5, 0.5, 8))
+    value = w(loss, t).mean()
+    value.backward()
+    torch.testing.assert_close(ddp["value"], value.detach())
+    torch.testing.assert_close(ddp["grad"], w.log_vars.grad)
 
 
 def test_ant_uw_state_param_group_and_checkpoint_round_trip():
