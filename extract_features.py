@@ -7,6 +7,8 @@ Stored latents are the posterior MEAN times the scale (deterministic; fast-DiT s
 whose noise is negligible for the SD VAE). Shards are float32 (n, 2, C, h, w); see imagedata/latents.py.
 
 Single process:  python extract_features.py --data-path /data/imagenet/train --features-path features
+MS-COCO:         python extract_features.py --kind coco --data-path coco/train2014 --features-path features/coco256
+                 (captions from coco/annotations/captions_train2014.json, or --captions; labels are image ids)
 Many GPUs:       torchrun --nproc_per_node=8 extract_features.py --data-path ... --features-path ...
 Shard k is encoded by rank k % world_size; finished shards are skipped on re-run (resume).
 """
@@ -75,9 +77,10 @@ def main(args):
     """Encode every image of --data-path and its flip; write this rank's shards, then rank 0 the manifest."""
     torch.manual_seed(args.global_seed)  # latents are posterior means, so outputs do not depend on it
     rank, world_size, device = setup_distributed()
-    images = build_dataset(data_path=args.data_path, image_size=args.image_size, kind=args.kind, flip=False)
+    images = build_dataset(data_path=args.data_path, image_size=args.image_size, kind=args.kind, flip=False,
+                           captions=getattr(args, "captions", None))
     if not isinstance(images, ImageFileDataset):
-        raise SystemExit(f"extract_features.py encodes RGB image folders (kind imagefolder or flat); "
+        raise SystemExit(f"extract_features.py encodes RGB image folders (kind imagefolder, flat or coco); "
                          f"{args.data_path} is a {type(images).__name__}")
     if args.shard_size <= 0 or args.batch_size <= 0:
         raise SystemExit("--shard-size and --batch-size must be positive")
@@ -157,7 +160,7 @@ def main(args):
                                   latent_stat="mean", latent_shape=latent_shape, image_size=args.image_size,
                                   num_classes=images.num_classes, class_names=images.class_names,
                                   shard_size=args.shard_size, num_images=n, data_path=os.path.abspath(args.data_path),
-                                  flip_layout="[:, 0] image, [:, 1] horizontal flip")
+                                  flip_layout="[:, 0] image, [:, 1] horizontal flip", label_kind=images.label_kind)
         print(f"wrote {manifest['count']} latent pairs in {num_shards} shards to {args.features_path}"
               + (f"; skipped {len(manifest['skipped'])} unreadable image(s)" if manifest["skipped"] else ""))
     if world_size > 1:
@@ -169,8 +172,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", type=str, required=True)
     parser.add_argument("--features-path", "--feature-path", dest="features_path", type=str, default="features")
-    parser.add_argument("--kind", type=str, choices=["auto", "imagefolder", "flat"], default="auto",
-                        help="flat: every image under --data-path, label 0 (FFHQ)")
+    parser.add_argument("--kind", type=str, choices=["auto", "imagefolder", "flat", "coco"], default="auto",
+                        help="flat: every image under --data-path, label 0 (FFHQ); coco: MS-COCO images with "
+                             "captions, label = image id")
+    parser.add_argument("--captions", type=str, default=None,
+                        help="COCO captions_*.json (kind coco; default <data-path>/../annotations/captions_<split>.json)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--vae", type=str, default="stabilityai/sd-vae-ft-ema", help="ema | mse | Hub name | local AutoencoderKL path")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -2,6 +2,10 @@
 
 python -m evaluations.make_reference --dataset imagenet --data-path /data/imagenet/train --image-size 256 \
     --num-images 10000 --output VIRTUAL_imagenet256.npz
+python -m evaluations.make_reference --dataset coco --data-path coco/val2014 --output coco256_val2014.npz
+
+MS-COCO (Table 1): the captioned validation images of the annotation file (--captions, default the standard
+layout's annotations/captions_val2014.json; all 40,504 for val2014), in image id order, ADM center crop 256.
 """
 import argparse
 import os
@@ -13,13 +17,14 @@ from PIL import Image
 
 from evaluations.batch_npz import as_rgb_images, write_npz_atomic
 from imagedata.center_crop import center_crop_arr
+from imagedata.coco import coco_image_dataset
 from imagedata.fashion_mnist import fashion_mnist_files, read_idx
 from imagedata.image_folder import list_images, load_rgb
 from evaluations.inception import InceptionFeatures
 from evaluations.metrics import feature_statistics
 
 
-def load_reference_images(dataset, data_path, image_size, num_images, seed, split="train"):
+def load_reference_images(dataset, data_path, image_size, num_images, seed, split="train", captions=None):
     """uint8 (N, H, W, 3) reference images; a seeded random subset when num_images is smaller than the dataset."""
     rng = np.random.default_rng(seed)
     if dataset == "fashion-mnist":
@@ -33,10 +38,13 @@ def load_reference_images(dataset, data_path, image_size, num_images, seed, spli
         if image_size and image_size != images.shape[1]:
             images = np.stack([np.array(Image.fromarray(x).resize((image_size,) * 2, Image.BICUBIC)) for x in images])
         return as_rgb_images(images, data_path)  # grayscale repeated to 3 channels for Inception
-    # imagenet, ffhq, folder: every image under data_path, ADM's center crop
+    # imagenet, ffhq, folder: every image under data_path, ADM's center crop; coco: its captioned images
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f"image folder {data_path} does not exist")
-    files = list_images(data_path)
+    if dataset == "coco":
+        files = coco_image_dataset(data_path, captions, image_size, flip=False).paths
+    else:
+        files = list_images(data_path)
     if not files:
         raise ValueError(f"no images found under {data_path}")
     if num_images and num_images < len(files):
@@ -47,7 +55,8 @@ def load_reference_images(dataset, data_path, image_size, num_images, seed, spli
 def main(args):
     """Write the reference npz, with Inception statistics unless --no-statistics."""
     image_size = args.image_size or (None if args.dataset == "fashion-mnist" else 256)
-    images = load_reference_images(args.dataset, args.data_path, image_size, args.num_images, args.seed, args.split)
+    images = load_reference_images(args.dataset, args.data_path, image_size, args.num_images, args.seed, args.split,
+                                   captions=args.captions)
     arrays = {"arr_0": images}
     if not args.no_statistics:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,10 +70,12 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dataset", type=str, choices=["imagenet", "ffhq", "folder", "fashion-mnist"], required=True)
+    parser.add_argument("--dataset", type=str, choices=["imagenet", "ffhq", "folder", "fashion-mnist", "coco"], required=True)
     parser.add_argument("--data-path", type=str, required=True,
                         help="image folder, or Fashion-MNIST folder / IDX file (e.g. /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--output", type=str, required=True)
+    parser.add_argument("--captions", type=str, default=None,
+                        help="coco: captions_val2014.json (default <data-path>/../annotations/captions_<split>.json)")
     parser.add_argument("--image-size", type=int, default=None, help="default 256 (folders), native 28 (fashion-mnist)")
     parser.add_argument("--num-images", type=int, default=None, help="random subset size (default: all)")
     parser.add_argument("--split", type=str, choices=["train", "test", "t10k"], default="train",

@@ -10,7 +10,9 @@ Kinds: "imagefolder" (root/<class>/..., labels = index of sorted class folder na
 "flat" (every image under root, recursive, label 0, num_classes 1: unconditional, e.g. FFHQ),
 "fashion-mnist" (IDX files, optionally .gz, in data_path, data_path/raw or data_path/FashionMNIST/raw, e.g.
 /usr/share/datasets/fashion-mnist; split "train" or "test"; 28 px zero-padded to 30/32, otherwise BICUBIC resized),
-"latents" (feature_path written by extract_features.py; format in imagedata/latents.py).
+"latents" (feature_path written by extract_features.py; format in imagedata/latents.py),
+"coco" (data_path = MS-COCO image folder such as train2014/, captions = its captions_*.json; y = image id,
+the caption is drawn per training step by imagedata.coco.draw_captions).
 "auto" picks latents if feature_path is given or data_path holds manifest.json, then Fashion-MNIST IDX files,
 then flat if data_path holds images directly, else imagefolder. FFHQ's nested 00000/... layout needs kind="flat".
 
@@ -29,11 +31,13 @@ the current epoch's coin for sample i.
 """
 from .build import KINDS, build_dataset, detect_kind
 from .center_crop import center_crop_arr
+from .coco import CocoCaptions, coco_image_dataset, draw_captions, read_coco_captions
 from .fashion_mnist import FashionMNISTDataset, read_idx
 from .flip import flip_decision
 from .image_folder import BadImageError, ImageFileDataset, flat_image_dataset, image_folder_dataset
 from .latents import LatentFeatureDataset, read_manifest
 
-__all__ = ["KINDS", "build_dataset", "detect_kind", "center_crop_arr", "FashionMNISTDataset", "read_idx",
+__all__ = ["KINDS", "build_dataset", "detect_kind", "center_crop_arr", "CocoCaptions", "coco_image_dataset",
+           "draw_captions", "read_coco_captions", "FashionMNISTDataset", "read_idx",
            "flip_decision", "BadImageError", "ImageFileDataset", "flat_image_dataset", "image_folder_dataset",
            "LatentFeatureDataset", "read_manifest"]

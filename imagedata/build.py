@@ -1,11 +1,12 @@
 """build_dataset: one entry point that picks the dataset kind for train.py and extract_features.py."""
 import os
 
+from .coco import coco_image_dataset
 from .fashion_mnist import FashionMNISTDataset, find_idx_file
 from .image_folder import flat_image_dataset, image_folder_dataset, is_image_file
 from .latents import MANIFEST_NAME, LatentFeatureDataset
 
-KINDS = ("auto", "imagefolder", "flat", "fashion-mnist", "latents")
+KINDS = ("auto", "imagefolder", "flat", "fashion-mnist", "latents", "coco")
 
 
 def detect_kind(data_path, feature_path=None):
@@ -29,12 +30,17 @@ def detect_kind(data_path, feature_path=None):
                             f"Fashion-MNIST IDX files or {MANIFEST_NAME}")
 
 
-def build_dataset(data_path=None, feature_path=None, image_size=256, kind="auto", flip=True, seed=0, split="train"):
-    """Dataset yielding (x float tensor (C, H, W), y int64); has num_classes, channels, resolution, set_epoch."""
+def build_dataset(data_path=None, feature_path=None, image_size=256, kind="auto", flip=True, seed=0, split="train",
+                  captions=None):
+    """Dataset yielding (x float tensor (C, H, W), y int64); has num_classes, channels, resolution, set_epoch.
+
+    kind "coco": data_path is a COCO image folder (train2014/), captions its captions_*.json (default: the
+    standard layout's annotations/captions_<folder>.json); y is the image id (imagedata/coco.py).
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; valid: {', '.join(KINDS)}")
     if kind == "auto":
-        kind = detect_kind(data_path, feature_path)
+        kind = "coco" if captions is not None and feature_path is None else detect_kind(data_path, feature_path)
     if split != "train" and kind != "fashion-mnist":
         raise ValueError(f"split={split!r} applies to fashion-mnist only; point data_path at the split's folder instead")
     if kind == "latents":
@@ -44,6 +50,8 @@ def build_dataset(data_path=None, feature_path=None, image_size=256, kind="auto"
         return LatentFeatureDataset(path, flip=flip, seed=seed)
     if data_path is None:
         raise ValueError(f"kind={kind!r} needs data_path")
+    if kind == "coco":
+        return coco_image_dataset(data_path, captions, image_size, flip=flip, seed=seed)
     if kind == "imagefolder":
         return image_folder_dataset(data_path, image_size, flip=flip, seed=seed)
     if kind == "flat":

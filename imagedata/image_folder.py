@@ -1,6 +1,7 @@
 """Image-file datasets: class subfolders (ImageNet layout) and one flat folder (FFHQ, unconditional)."""
 import os
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -52,7 +53,7 @@ def _check_dir(path):
 class ImageFileDataset(SeededFlip, Dataset):
     """Image files with given labels -> (x (3, S, S) in [-1, 1], y int64); ADM center crop, seeded hflip."""
 
-    def __init__(self, paths, labels, image_size, num_classes, flip=True, seed=0, class_names=None):
+    def __init__(self, paths, labels, image_size, num_classes, flip=True, seed=0, class_names=None, label_kind="class"):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.paths = list(paths)
@@ -60,12 +61,17 @@ class ImageFileDataset(SeededFlip, Dataset):
         self.image_size = int(image_size)
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names is not None else None
+        self.label_kind = label_kind  # "class", or "coco_image_id" (imagedata/coco.py): what y means
         self.channels = 3
         self.resolution = self.image_size
         self._init_flip(flip, seed)
 
     def __len__(self):
         return len(self.paths)
+
+    def label_array(self):
+        """Every sample's label (N,) int64, in index order."""
+        return np.asarray(self.labels, dtype=np.int64)
 
     def load(self, index):
         """Unflipped sample `index`: (x (3, S, S) float in [-1, 1], y int64 scalar)."""

@@ -120,6 +120,7 @@ class LatentFeatureDataset(SeededFlip, Dataset):
         self.offsets = np.cumsum([0] + counts).tolist()
         self.num_classes = int(self.manifest["num_classes"])
         self.class_names = self.manifest.get("class_names")
+        self.label_kind = self.manifest.get("label_kind", "class")  # "coco_image_id": labels are COCO image ids
         self.channels, self.resolution = latent_shape[0], latent_shape[-1]
         self.image_size = int(self.manifest["image_size"])
         self.latent_scale = float(self.manifest["latent_scale"])
@@ -147,6 +148,10 @@ class LatentFeatureDataset(SeededFlip, Dataset):
 
     def __len__(self):
         return self.offsets[-1]
+
+    def label_array(self):
+        """Every sample's label (N,) int64, in index order."""
+        return np.concatenate([np.asarray(self._open(shard)[1]) for shard in self.shards]).astype(np.int64)
 
     def __getitem__(self, index):
         if not 0 <= index < len(self):

@@ -4,10 +4,23 @@ The paper conditions on "text tokens from CLIP" without naming the checkpoint; w
 openai/clip-vit-large-patch14 (width 768, 77 tokens), the text encoder of Stable Diffusion v1,
 whose VAE the paper's DiT experiments also use. Needs the optional `transformers` package.
 """
+import os
+
 import torch
 from torch import nn
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
+def missing_encoder_message(name_or_path):
+    """One line saying where the CLIP weights were looked for and how to provide them."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    if os.path.isdir(name_or_path):
+        return (f"--text-encoder {name_or_path}: the directory holds no CLIPTextModel (config.json and weights, "
+                f"as save_pretrained writes them)")
+    return (f"--text-encoder {name_or_path}: CLIP text encoder not found locally nor in the hub cache {HF_HUB_CACHE} "
+            f"(offline?); download it once with `huggingface-cli download {name_or_path}` where there is internet, "
+            f"or pass --text-encoder a local directory holding it")
 
 
 class FrozenCLIPTextEncoder(nn.Module):
@@ -22,8 +35,15 @@ class FrozenCLIPTextEncoder(nn.Module):
         if not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2 (BOS and EOS), got {max_length!r}")
         # A local directory or a hub name; with HF_HUB_OFFLINE=1 only local files and the cache are used.
+        # The model first: offline, transformers 5 builds an EMPTY tokenizer for a name it cannot find.
+        try:
+            self.transformer = CLIPTextModel.from_pretrained(name_or_path)
+        except OSError as error:
+            raise OSError(missing_encoder_message(name_or_path)) from error
         self.tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
-        self.transformer = CLIPTextModel.from_pretrained(name_or_path)
+        if len(self.tokenizer) != self.transformer.config.vocab_size:
+            raise OSError(f"the CLIP tokenizer of {name_or_path!r} has {len(self.tokenizer)} tokens but its text model "
+                          f"{self.transformer.config.vocab_size}: tokenizer files missing or incomplete")
         positions = self.transformer.config.max_position_embeddings
         if max_length > positions:
             raise ValueError(f"max_length {max_length} exceeds the encoder's {positions} position embeddings")

@@ -14,3 +14,13 @@ def grad_mode_is_not_leaked():
     """Scripts' main() run in-process must leave autograd as they found it (a leak broke later tests)."""
     yield
     assert torch.is_grad_enabled(), "a test left torch's global grad mode disabled"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory):
+    """CLIP's real tokenizer (from open_clip's BPE file) with a random width-16 CLIPTextModel, saved offline."""
+    pytest.importorskip("transformers")
+    from tiny_clip import clip_bpe_path, write_tiny_clip
+    if clip_bpe_path() is None:
+        pytest.skip("open_clip_torch not installed (pip install --no-deps open_clip_torch): no CLIP BPE vocabulary")
+    return write_tiny_clip(str(tmp_path_factory.mktemp("tiny_clip")))

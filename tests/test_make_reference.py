@@ -21,7 +21,7 @@ def write_idx(path, array):
 
 def args_for(**overrides):
     defaults = dict(dataset="fashion-mnist", data_path=None, output=None, image_size=None, num_images=None,
-                    split="t10k", seed=0, no_statistics=True, inception_weights=None, batch_size=50, device="cpu")
+                    split="t10k", seed=0, captions=None, no_statistics=True, inception_weights=None, batch_size=50, device="cpu")
     return argparse.Namespace(**{**defaults, **overrides})
 
 
@@ -62,3 +62,16 @@ def test_folder_reference_with_statistics_matches_evaluator_statistics(tmp_path)
     computed = reference_features(str(tmp_path / "ref.npz"), batch["images"], inception, batch_size=5)
     for key in ("mu", "sigma", "mu_s", "sigma_s"):
         np.testing.assert_allclose(batch[key], computed[key], rtol=1e-5, atol=1e-6)
+
+
+def test_coco_reference_is_the_captioned_validation_images_center_cropped_in_image_id_order(tmp_path):
+    from imagedata.center_crop import center_crop_arr
+    from imagedata.coco import read_coco_captions
+    from tiny_coco import write_tiny_coco
+    image_dir, path = write_tiny_coco(str(tmp_path / "coco"), split="val2014", num_images=4, size=(24, 18))
+    out = str(tmp_path / "ref.npz")
+    make_reference.main(args_for(dataset="coco", data_path=image_dir, output=out, image_size=16))
+    coco = read_coco_captions(path)
+    expected = [center_crop_arr(Image.open(f"{image_dir}/{coco.file_names[i]}").convert("RGB"), 16)
+                for i in coco.image_ids]
+    np.testing.assert_array_equal(read_batch(out)["images"], np.stack(expected))
