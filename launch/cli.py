@@ -1,0 +1,161 @@
+"""Command-line mistakes end a script the way argparse's own errors do: one line on stderr, exit code 2.
+
+Every script (train.py, sample.py, sample_ddp.py, extract_features.py, evaluations/*) uses this module:
+
+    from launch.cli import UsageError, finite_float, make_output_dir, run_command
+
+    def main(args):
+        if args.lr <= 0:                           # check everything before anything is written
+            raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+        make_output_dir(args.results_dir, "--results-dir")   # a read-only / full disk is named, not a traceback
+        ...
+
+    def build_parser():
+        parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        parser.add_argument("--lr", type=finite_float, default=1e-4)   # nan / inf rejected by argparse itself
+        return parser
+
+    if __name__ == "__main__":
+        run_command(main, build_parser())          # or run_command(main, parser, parse_args=lambda: ...)
+
+    $ python train.py --lr 0
+    train.py: error: --lr must be a finite number > 0, got 0.0          (exit code 2, no traceback)
+
+Rules of the contract:
+  * UsageError is for what the user can fix (a flag value, missing or empty data, a checkpoint that does not
+    match or cannot be read, an output folder that cannot be written); bugs stay ordinary exceptions and keep
+    their traceback. The message is one line and names the flag or path.
+  * Raise it before anything is written, so a rejected command leaves no files behind.
+  * UsageError is a ValueError, so library callers (and tests calling main(args)) can catch it as before.
+  * Under torchrun every rank runs the same checks and exits 2; the line is printed once, by rank 0. A check
+    whose verdict can differ between ranks (rank 0 alone creates the results folder) goes through
+    check_on_every_rank, which shares the verdict so that no rank waits forever in a collective.
+  * A file operation that fails later for lack of space or permission (OSError: no space left, read-only file
+    system, permission denied, file too large) ends in one line `prog: error: PATH: reason`, exit code 1, on
+    the rank that hit it: the command was right, the disk was not. storage.atomic_file.atomic_write raises
+    such an OSError with the target path even where torch.save hides it.
+"""
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+
+import torch.distributed as dist
+
+from storage.atomic_file import DISK_ERRNOS
+
+USAGE_EXIT_CODE = 2        # argparse's code for a bad command line
+ENVIRONMENT_EXIT_CODE = 1  # a valid command that the disk could not serve
+RANK_ZERO_GRACE_S = 10   # how long other ranks leave rank 0 to report a shared error
+
+
+class UsageError(ValueError):
+    """A mistake the user can fix on the command line; run_command prints `prog: error: <message>`, exits 2."""
+
+
+#################################################################################
+#                                 argparse types                                #
+#################################################################################
+
+def finite_float(text):
+    """argparse type: a float that is neither nan nor +-inf (float('nan') parses, and poisons a run silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+#################################################################################
+#                           Checks that touch the disk                          #
+#################################################################################
+
+def make_output_dir(path, flag):
+    """os.makedirs(path, exist_ok=True), or a UsageError naming the flag, the path and why it cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{flag} {path} cannot be created: {error.strerror or error}") from None
+    if not os.access(path, os.W_OK | os.X_OK):  # access(2) reports a read-only file system even for root
+        reason = "read-only file system" if _read_only_fs(path) else "permission denied"
+        raise UsageError(f"{flag} {path} is not writable: {reason}")
+    return path
+
+
+def _read_only_fs(path):
+    """True if the file system holding `path` is mounted read-only."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def check_on_every_rank(check, *args, **kwargs):
+    """check(*args, **kwargs) on every rank, then a UsageError on every rank if it raised one on any.
+
+    For checks whose verdict can differ between ranks (rank 0 alone creates a folder, each rank reads its own
+    shards): without this, the failing rank exits and the others wait in the next collective. Returns check's
+    result on this rank. A collective: every rank must call it at the same point. Outside torchrun it is just
+    check(*args, **kwargs).
+    """
+    message, result = None, None
+    try:
+        result = check(*args, **kwargs)
+    except UsageError as error:
+        message = str(error)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        message = next((m for m in messages if m is not None), None)  # the lowest failing rank's words
+    if message is not None:
+        raise UsageError(message)
+    return result
+
+
+#################################################################################
+#                                   The runner                                  #
+#################################################################################
+
+def _rank():
+    """This process's rank: the process group's if one exists, else torchrun's RANK, else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _stop(parser, message, code, print_on_this_rank):
+    """Tear down the process group (so no rank hangs in it), print `prog: error: message` once, exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    if not print_on_this_rank:
+        # torchrun stops every rank (SIGTERM) as soon as one exits. Rank 0 prints the shared message and exits
+        # first; the others exit with the same code when stopped, or print it themselves if rank 0 carries on
+        # (an error of this rank alone), so the line appears exactly once either way.
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+        time.sleep(RANK_ZERO_GRACE_S)
+    sys.stderr.write(f"{parser.prog}: error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def run_command(main, parser, parse_args=None):
+    """Parse the command line and return main(args); a UsageError or a failed write ends in one line, no traceback.
+
+    parse_args: a function returning the parsed arguments, for scripts that parse in several steps
+    (train.py reads --config first); default parser.parse_args(). Its UsageErrors are handled the same way.
+    """
+    try:
+        args = parse_args() if parse_args is not None else parser.parse_args()
+        return main(args)
+    except UsageError as error:
+        _stop(parser, " ".join(str(error).split("\n")), USAGE_EXIT_CODE, _rank() == 0)
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        where = f"{error.filename}: " if error.filename is not None else ""
+        # each rank writes its own files, so each rank reports its own failure (as coreutils: "PATH: reason")
+        _stop(parser, f"{where}{error.strerror or error}", ENVIRONMENT_EXIT_CODE, True)
