@@ -19,7 +19,14 @@ atomically, loadable with torch.load(weights_only=True):
     models.DiT(**kwargs)), diffusion_config (create_diffusion kwargs), vae, image_size, latent_scale,
     loss_weighting (its state_dict: ANT-UW s_k), rng (one dict per rank: torch, numpy, python, cuda),
     data_state ({epoch, position = batches done in the epoch, sampler_seed, global_batch_size}),
-    scaler (fp16 only). The per-step generator needs no state: it is reseeded from (global seed, step).
+    scaler (fp16 only), loss_log ({sums: (world_size,) running loss sums, steps}: the next log line after a
+    resume averages the same steps as a straight run), dataset ({num_samples, num_classes}). The per-step
+    generator needs no state: it is reseeded from (global seed, step).
+
+Clusters: SIGTERM, SIGUSR1 or SIGINT stop every rank after the current step, with a checkpoint of it, and
+exit 0 (launch/preemption.py). --exp-name NAME --resume auto continues the newest checkpoint of
+<results-dir>/NAME or starts there, so a requeued job reruns the same command; --keep-last K prunes.
+A resume may change --lr (applied and logged); other trajectory settings are refused (storage/resume_policy.py).
 """
 import argparse
 import copy
@@ -46,8 +53,10 @@ from storage.atomic_file import atomic_write
 from diffusion import WEIGHTINGS, create_diffusion
 from imagedata import build_dataset
 from models import DiT, DiT_models, ROUTING_KINDS, create_model
+from launch.preemption import PreemptionFlag, ignore_preemption_signals
 from launch.process_group import cleanup_distributed, setup_distributed
 from storage.run_folder import prune_checkpoints, resolve_run
+from storage.resume_policy import apply_learning_rate, check_fixed_settings, dataset_identity
 from storage.run_record import write_run_record
 
 LATENT_SCALE = 0.18215  # SD VAE latent scale, as official DiT
@@ -181,7 +190,8 @@ def build_loader(dataset, sampler, epoch, position, local_batch_size, num_worker
     dataset.set_epoch(epoch)  # flips are a function of (seed, epoch, index); set before the workers fork
     indices = list(sampler)[position * local_batch_size:]
     return DataLoader(dataset, batch_size=local_batch_size, sampler=indices, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", drop_last=True)
+                      pin_memory=device.type == "cuda", drop_last=True,
+                      worker_init_fn=ignore_preemption_signals)  # the main process decides when to stop
 
 
 #################################################################################
@@ -213,6 +223,16 @@ def restore_rng_state(state):
     random.setstate((py_state["version"], tuple(py_state["state"]), py_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_loss_sums(running_loss, world_size):
+    """(world_size,) tensor: every rank's running loss sum, so the next log line survives a resume."""
+    sums = [running_loss.detach().float().cpu().reshape(1)]
+    if world_size > 1:
+        gathered = [torch.zeros_like(running_loss).reshape(1) for _ in range(world_size)]
+        dist.all_gather(gathered, running_loss.detach().reshape(1))
+        sums = [s.float().cpu() for s in gathered]
+    return torch.cat(sums)
 
 
 def gather_rng_states(world_size):
@@ -261,13 +281,15 @@ def main(args):
     check_data_paths(args)
     rank, world_size, device = setup_distributed()
     try:
-        return train(args, rank, world_size, device)
+        with PreemptionFlag(world_size) as preemption:  # from here on, SIGTERM/SIGUSR1/SIGINT stop cleanly
+            return train(args, rank, world_size, device, preemption)
     finally:
         cleanup_distributed()
 
 
-def train(args, rank, world_size, device):
-    """The training loop proper (main sets up and tears down the process group)."""
+def train(args, rank, world_size, device, preemption=None):
+    """The training loop proper (main sets up and tears down the process group and the signal handlers)."""
+    preemption = preemption or PreemptionFlag(world_size)  # without handlers installed it never fires
     if args.global_batch_size % world_size != 0:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
                          f"{world_size}")
@@ -320,9 +342,11 @@ def train(args, rank, world_size, device):
             raise FileNotFoundError(f"--resume checkpoint not found: {resume_path}")
         checkpoint = torch.load(resume_path, map_location="cpu", weights_only=True)
         check_resume_compatible(checkpoint, resume_path, model_config, diffusion_config)
+        check_fixed_settings(checkpoint, args, dataset_identity(dataset), resume_path)
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
         opt.load_state_dict(checkpoint["opt"])
+        saved_lr = apply_learning_rate(opt, args.lr)  # the optimizer state would restore the old lr
         weighting.load_state_dict(checkpoint["loss_weighting"])
         if "scaler" in checkpoint:
             scaler.load_state_dict(checkpoint["scaler"])
@@ -343,6 +367,8 @@ def train(args, rank, world_size, device):
             logger.info(f"Removed {path}, left by a save that was killed mid-write")
         if checkpoint is not None:
             logger.info(f"Resumed from {resume_path} at step {train_steps} (epoch {epoch}, batch {position})")
+            if saved_lr != args.lr:
+                logger.info(f"Learning rate changed on resume: {saved_lr:g} -> {args.lr:g} (--lr)")
         elif args.resume == "auto":
             logger.info(f"--resume auto: no checkpoint in {checkpoint_dir} yet, starting from step 0")
         logger.info(f"Experiment directory: {experiment_dir}")
@@ -352,6 +378,8 @@ def train(args, rank, world_size, device):
                     f"model input {in_channels}x{input_size}x{input_size}")
 
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+        running_loss = torch.zeros((), device=device)  # sum of this rank's losses since the last log line
+        log_steps = 0
         if args.compile:
             ddp_model = torch.compile(ddp_model)
         # Per-rank seed for anything left on the global RNG (e.g. loader worker seeds), as official DiT
@@ -360,6 +388,10 @@ def train(args, rank, world_size, device):
             rng = checkpoint["rng"]
             if len(rng) == world_size:
                 restore_rng_state(rng[rank])
+            if "loss_log" in checkpoint:  # the log line after a resume averages the same steps as a straight run
+                sums = checkpoint["loss_log"]["sums"]
+                running_loss.fill_(sums[rank] if len(sums) == world_size else sums.mean())
+                log_steps = checkpoint["loss_log"]["steps"]
         del checkpoint
 
         # The sampler splits each global batch over ranks (rank r takes every world_size-th sample), so a
@@ -373,12 +405,14 @@ def train(args, rank, world_size, device):
         def save(step):
             """Write a checkpoint of the current state (all ranks call it: RNG states are gathered)."""
             rng_states = gather_rng_states(world_size)
+            loss_sums = gather_loss_sums(running_loss, world_size)
             if rank == 0:
                 ckpt = {
                     "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                     "args": vars(args), "model_config": model_config, "diffusion_config": diffusion_config,
                     "vae": vae_name, "image_size": args.image_size, "latent_scale": latent_scale,
                     "loss_weighting": weighting.state_dict(), "rng": rng_states,
+                    "loss_log": {"sums": loss_sums, "steps": log_steps}, "dataset": dataset_identity(dataset),
                     "data_state": {"epoch": epoch, "position": position, "sampler_seed": args.global_seed,
                                    "global_batch_size": args.global_batch_size},
                 }
@@ -403,10 +437,10 @@ def train(args, rank, world_size, device):
 
         logger.info(f"Training for {max_steps} steps ({steps_per_epoch} steps per epoch), global batch "
                     f"{args.global_batch_size} = {world_size} ranks x {local_batch_size}")
-        running_loss = torch.zeros((), device=device)
         first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of first NaN/inf
-        log_steps, start_time = 0, time.time()
-        while train_steps < max_steps:
+        timed_steps, start_time = 0, time.time()  # steps/s counts this process's steps only
+        stopped = False
+        while train_steps < max_steps and not stopped:
             loader = build_loader(dataset, sampler, epoch, position, local_batch_size, args.num_workers, device)
             for x, y in loader:
                 x = x.to(device, non_blocking=True)  # (B, C, H, W): images in [-1, 1] or scaled latents
@@ -432,6 +466,7 @@ def train(args, rank, world_size, device):
                 train_steps += 1
                 position += 1
                 log_steps += 1
+                timed_steps += 1
                 loss = loss.detach()
                 running_loss += loss
                 first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss),
@@ -443,7 +478,7 @@ def train(args, rank, world_size, device):
                 if at_log:
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                    steps_per_sec = log_steps / (time.time() - start_time)
+                    steps_per_sec = timed_steps / (time.time() - start_time)
                     avg_loss = all_reduce_mean(running_loss / log_steps, world_size).item()
                     mem = peak_memory_gb(device)
                     logger.info(f"(step={train_steps:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: "
@@ -453,7 +488,7 @@ def train(args, rank, world_size, device):
                             f.write(json.dumps({"step": train_steps, "loss": avg_loss, "steps_per_sec": steps_per_sec,
                                                 "images_per_sec": steps_per_sec * G, "peak_mem_gb": mem}) + "\n")
                     running_loss.zero_()
-                    log_steps, start_time = 0, time.time()
+                    log_steps, timed_steps, start_time = 0, 0, time.time()
                 if position == steps_per_epoch:
                     epoch, position = epoch + 1, 0
                 if at_ckpt:
@@ -461,10 +496,19 @@ def train(args, rank, world_size, device):
                     if rank == 0 and args.keep_last is not None:
                         for path in prune_checkpoints(checkpoint_dir, args.keep_last, args.keep_every):
                             logger.info(f"Removed {path} (--keep-last {args.keep_last})")
-                if train_steps >= max_steps:
+                if preemption.stop_requested():  # same answer on every rank, after the same step
+                    if not at_ckpt:
+                        check_finite(first_bad_step)
+                        save(train_steps)
+                    logger.info(f"Stopped by {preemption.name} after step {train_steps} of {max_steps}; "
+                                f"run the same command with --resume auto (or --resume {checkpoint_dir}/"
+                                f"{train_steps:07d}.pt) to continue")
+                    stopped = True
+                if train_steps >= max_steps or stopped:
                     break
         model.eval()
-        logger.info("Done!")
+        if not stopped:
+            logger.info("Done!")
         return experiment_dir
     finally:
         close_logger(logger)
