@@ -12,11 +12,11 @@ over ranks, and the timesteps, noise and label dropout of a step are drawn for t
 generator seeded by (global seed, step), each rank taking its own samples. So 2 ranks x B match 1 rank x 2B,
 and a resumed run continues bit for bit.
 
-Outputs in <results-dir>/<NNN>-<model>/ (model "DiT-S/2" -> "DiT-S-2"; "DiT-custom" with --hidden-size etc.):
+Outputs in <results-dir>/<NNN>-<model>/ (model "DiT-S/2" -> "DiT-S-2"):
 log.txt, metrics.jsonl (one {"step", "loss", ...} per --log-every) and checkpoints/<step:07d>.pt, written
 atomically, loadable with torch.load(weights_only=True):
-    model, ema, opt (state_dicts), step, args (dict), model_config ({"model": name, **DiT kwargs}; rebuild with
-    models.DiT(**kwargs)), diffusion_config (create_diffusion kwargs), vae, image_size, latent_scale,
+    model, ema, opt (state_dicts), step, args (dict), model_config ({"model": zoo name, **every constructor argument};
+    rebuild with models.build_from_config), diffusion_config (create_diffusion kwargs), vae, image_size, latent_scale,
     loss_weighting (its state_dict: ANT-UW s_k), rng (one dict per rank: torch, numpy, python, cuda),
     data_state ({epoch, position = batches done in the epoch, sampler_seed, global_batch_size}),
     scaler (fp16 only), loss_log ({sums: (world_size,) running loss sums, steps}: the next log line after a
@@ -52,7 +52,8 @@ from torch.utils.data.distributed import DistributedSampler
 from storage.atomic_file import atomic_write
 from diffusion import WEIGHTINGS, create_diffusion
 from imagedata import build_dataset
-from models import DiT, DiT_models, ROUTING_KINDS, create_model
+from models import ROUTING_KINDS, check_overrides, create_model, model_names
+from models import model_config as model_config_of
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
 from launch.process_group import cleanup_distributed, setup_distributed
 from storage.run_folder import prune_checkpoints, resolve_run
@@ -60,7 +61,11 @@ from storage.resume_policy import apply_learning_rate, check_fixed_settings, dat
 from storage.run_record import write_run_record
 
 LATENT_SCALE = 0.18215  # SD VAE latent scale, as official DiT
-CUSTOM_DIT_FLAGS = ("hidden_size", "depth", "num_heads", "patch_size")  # architecture overrides of a custom DiT
+# Constructor arguments train.py sets itself (from the data or a flag); --model-arg may not set them.
+MODEL_ARGS_SET_BY_TRAIN = {"input_size": "--image-size and the data", "in_channels": "the data",
+                           "num_classes": "--num-classes", "learn_sigma": "train.py (learned variances, as the paper)",
+                           "routing": "--routing", "alpha": "--alpha", "beta": "--beta",
+                           "routing_seed": "--routing-seed", "grad_checkpointing": "--grad-checkpointing"}
 NOISE_SCHEDULES = ("squaredcos_cap_v2", "linear")
 
 
@@ -142,19 +147,16 @@ def unwrap(model):
 #                               Model and Data Setup                            #
 #################################################################################
 
-def model_name(args):
-    """Zoo name, or "DiT-custom" when the architecture flags (--hidden-size ...) are given."""
-    return "DiT-custom" if args.hidden_size is not None else args.model
+def model_overrides(args):
+    """{constructor argument: value} from --model-arg KEY=VALUE (and a config's model_args); the last wins."""
+    return dict(args.model_args or {})
 
 
 def build_model(args, input_size, in_channels, num_classes):
-    """Zoo DiT from --model, or a custom DiT built from --hidden-size/--depth/--num-heads/--patch-size."""
-    kwargs = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=True,
-                  routing=args.routing, alpha=args.alpha, beta=args.beta, routing_seed=args.routing_seed,
-                  grad_checkpointing=args.grad_checkpointing)
-    if args.hidden_size is None:
-        return create_model(args.model, **kwargs)
-    return DiT(**kwargs, **{k: getattr(args, k) for k in CUSTOM_DIT_FLAGS})
+    """The --model zoo entry with --model-arg overrides, sized to the data, routed as the flags say."""
+    return create_model(args.model, **model_overrides(args), input_size=input_size, in_channels=in_channels,
+                        num_classes=num_classes, learn_sigma=True, routing=args.routing, alpha=args.alpha,
+                        beta=args.beta, routing_seed=args.routing_seed, grad_checkpointing=args.grad_checkpointing)
 
 
 def check_data_fits_model(args, dataset):
@@ -165,22 +167,16 @@ def check_data_fits_model(args, dataset):
     if dataset.num_classes > args.num_classes:
         raise ValueError(f"dataset has {dataset.num_classes} classes but --num-classes is {args.num_classes}")
     channels, resolution = dataset.channels, dataset.resolution
-    patch_size = args.patch_size if args.patch_size is not None else int(args.model.split("/")[-1])
     if args.feature_path is not None:
         if dataset.image_size != args.image_size:
             raise ValueError(f"latents in {args.feature_path} were extracted from {dataset.image_size}px images "
                              f"but --image-size is {args.image_size}")
-        if resolution % patch_size:
-            raise ValueError(f"latents in {args.feature_path} are {channels}x{resolution}x{resolution}, which "
-                             f"patch size {patch_size} of {model_name(args)} does not divide")
         return resolution, channels
     if args.vae != "none":
         raise ValueError("encoding images with a VAE on the fly is not supported: precompute latents with "
                          "extract_features.py and pass --feature-path, or train in pixel space with --vae none")
     if resolution != args.image_size:
         raise ValueError(f"dataset yields {resolution}x{resolution} images but --image-size is {args.image_size}")
-    if resolution % patch_size:
-        raise ValueError(f"--image-size {resolution} is not divisible by the patch size {patch_size}")
     return resolution, channels
 
 
@@ -310,8 +306,8 @@ def train(args, rank, world_size, device, preemption=None):
 
     # Model, EMA, diffusion, optimizer. Same init on every rank and any world size:
     torch.manual_seed(args.global_seed)
-    model = build_model(args, input_size, in_channels, args.num_classes).to(device)
-    model_config = {"model": model_name(args), **model.config}
+    model = build_model(args, input_size, in_channels, args.num_classes).to(device)  # the model checks its shape
+    model_config = model_config_of(args.model, model)
     ema = copy.deepcopy(model).to(device)  # EMA starts as a copy of the model (official DiT)
     requires_grad(ema, False)
     diffusion_config = dict(timestep_respacing="", noise_schedule=args.noise_schedule, learn_sigma=True,
@@ -330,7 +326,7 @@ def train(args, rank, world_size, device, preemption=None):
     # Experiment folder and resume state (rank 0 decides; --resume auto finds the newest checkpoint):
     located = [None, None, []]
     if rank == 0:
-        located = list(resolve_run(args.results_dir, model_name(args).replace("/", "-"), args.exp_name,
+        located = list(resolve_run(args.results_dir, args.model.replace("/", "-"), args.exp_name,
                                    args.resume))
     if world_size > 1:
         dist.broadcast_object_list(located, src=0)
@@ -532,17 +528,17 @@ def build_parser():
                       help="VAE of the latents (ema, mse or a path; recorded in checkpoints); none = pixel space")
     data.add_argument("--num-workers", type=int, default=4)
     model = parser.add_argument_group("model")
-    model.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-XL/2")
+    model.add_argument("--model", type=str, choices=model_names(), default="DiT-XL/2")
+    model.add_argument("--model-arg", dest="model_args", type=parse_model_arg, action=ModelArgAction, default=None,
+                       metavar="KEY=VALUE",
+                       help="override a constructor argument of --model, e.g. hidden_size=64 or channel_mult=[1,2] "
+                            "(repeatable; VALUE is read as YAML; in a config: a model_args mapping)")
     model.add_argument("--routing", type=str, choices=ROUTING_KINDS, default="none",
                        help="none = vanilla, random = R-TR, dtr = DTR (Sec. 4)")
     model.add_argument("--alpha", type=float, default=4.0, help="DTR window shift exponent (Eq. 4)")
     model.add_argument("--beta", type=float, default=0.8, help="share of active channels per task")
     model.add_argument("--routing-seed", type=int, default=0, help="seed of the R-TR masks")
     model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    custom = parser.add_argument_group("custom DiT", "all four together build a 'DiT-custom' of that shape "
-                                       "instead of the --model zoo entry (tiny CPU runs)")
-    for flag in CUSTOM_DIT_FLAGS:
-        custom.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
     diff = parser.add_argument_group("diffusion")
     diff.add_argument("--noise-schedule", type=str, choices=NOISE_SCHEDULES, default="squaredcos_cap_v2",
                       help="squaredcos_cap_v2 = cosine (paper); linear = official DiT")
@@ -577,8 +573,31 @@ def build_parser():
     return parser
 
 
+def parse_model_arg(text):
+    """--model-arg KEY=VALUE -> (key, value), VALUE read as YAML: 64, 0.5, true, [1, 2, 2], dtr."""
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. hidden_size=64), got {text!r}")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"cannot read the value of {text!r} (YAML: 64, 0.5, true, [1, 2])") from None
+
+
+class ModelArgAction(argparse.Action):
+    """Repeatable --model-arg KEY=VALUE collected into one {KEY: VALUE} mapping, a later KEY winning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        key, value = values
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), key: value})
+
+
 def config_to_argv(parser, path):
-    """YAML {key: value} -> flag tokens, so argparse type-checks them; unknown keys are an error naming them."""
+    """YAML {key: value} -> flag tokens, so argparse type-checks them; unknown keys are an error naming them.
+
+    The mapping under model_args becomes one --model-arg KEY=VALUE per entry.
+    """
     with open(path) as f:
         config = yaml.safe_load(f) or {}
     if not isinstance(config, dict):
@@ -590,6 +609,13 @@ def config_to_argv(parser, path):
                          f"(valid: {', '.join(sorted(flags))})")
     argv = []
     for key, value in config.items():
+        if str(key).replace("-", "_") == "model_args":
+            if not isinstance(value, dict):
+                raise ValueError(f"model_args in config {path} must be a mapping of constructor arguments to "
+                                 f"values, got {value!r}")
+            for name, arg in value.items():
+                argv += ["--model-arg", f"{name}={json.dumps(arg)}"]  # JSON is YAML: parse_model_arg reads it back
+            continue
         action = flags[str(key).replace("-", "_")]
         flag = action.option_strings[0]
         if isinstance(action, argparse.BooleanOptionalAction):
@@ -625,8 +651,13 @@ def check_data_paths(args):
 
 def validate_args(args):
     """Clear errors for flag values that would fail later (or silently do the wrong thing); no file access."""
-    if args.model not in DiT_models:
-        raise ValueError(f"unknown model {args.model!r}; expected one of {', '.join(DiT_models)}")
+    if args.model not in model_names():
+        raise ValueError(f"unknown model {args.model!r}; expected one of {', '.join(model_names())}")
+    overrides = model_overrides(args)
+    check_overrides(args.model, overrides)
+    for key in overrides:
+        if key in MODEL_ARGS_SET_BY_TRAIN:
+            raise ValueError(f"--model-arg {key}=... is set by {MODEL_ARGS_SET_BY_TRAIN[key]}, not by --model-arg")
     if args.routing not in ROUTING_KINDS:
         raise ValueError(f"unknown routing {args.routing!r}; expected one of {', '.join(ROUTING_KINDS)}")
     if not (math.isfinite(args.alpha) and args.alpha > 0):
@@ -653,16 +684,6 @@ def validate_args(args):
         raise ValueError(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
-    custom = {flag: getattr(args, flag) for flag in CUSTOM_DIT_FLAGS}
-    if any(v is not None for v in custom.values()):
-        missing = [f"--{k.replace('_', '-')}" for k, v in custom.items() if v is None]
-        if missing:
-            raise ValueError(f"a custom DiT needs all of --hidden-size --depth --num-heads --patch-size; "
-                             f"missing {' '.join(missing)}")
-        bad = [f"--{k.replace('_', '-')} {v}" for k, v in custom.items() if v < 1]
-        if bad or args.hidden_size % args.num_heads:
-            raise ValueError(f"invalid custom DiT shape: {', '.join(bad) or ''} (hidden size must be a "
-                             f"multiple of --num-heads, all >= 1)")
 
 
 if __name__ == "__main__":

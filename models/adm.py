@@ -249,6 +249,7 @@ class ADM(nn.Module):
         dropout=0.1,
         channel_mult=(1, 2, 3, 4),
         num_classes=1000,
+        class_dropout_prob=None,
         learn_sigma=True,
         num_heads=4,
         num_head_channels=64,
@@ -267,15 +268,19 @@ class ADM(nn.Module):
         channel_mult = parse_ints(channel_mult, "channel_mult")
         attention_resolutions = parse_ints(attention_resolutions, "attention_resolutions")
         num_classes = 1 if num_classes is None else num_classes
+        if class_dropout_prob is None:
+            # As DiT: conditional models learn a null class for classifier-free guidance, unconditional ones not.
+            class_dropout_prob = 0.1 if num_classes > 1 else 0.0
         self._validate(input_size, model_channels, num_res_blocks, channel_mult, attention_resolutions,
-                       num_classes, dropout)
+                       num_classes, dropout, class_dropout_prob)
         validate_routing(routing, NUM_TIMESTEPS, model_channels, alpha, beta)
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         self.config = dict(
             input_size=input_size, in_channels=in_channels, model_channels=model_channels,
             num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, dropout=dropout,
-            channel_mult=channel_mult, num_classes=num_classes, learn_sigma=learn_sigma, num_heads=num_heads,
+            channel_mult=channel_mult, num_classes=num_classes, class_dropout_prob=class_dropout_prob,
+            learn_sigma=learn_sigma, num_heads=num_heads,
             num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
             use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
             conv_resample=conv_resample, use_new_attention_order=use_new_attention_order, routing=routing,
@@ -286,6 +291,7 @@ class ADM(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.model_channels = model_channels
         self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
         self.learn_sigma = learn_sigma
         self.grad_checkpointing = grad_checkpointing
         self._num_routers = 0  # running block index, so R-TR draws a different table per block
@@ -299,7 +305,9 @@ class ADM(nn.Module):
             nn.Linear(time_embed_dim, time_embed_dim),
         )
         if num_classes > 1:
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+            # Row num_classes is the null class of classifier-free guidance; without label dropout the table
+            # has guided-diffusion's exact shape, so its released class-conditional checkpoints load strictly.
+            self.label_emb = nn.Embedding(num_classes + (class_dropout_prob > 0), time_embed_dim)
 
         def res_block(ch, out_ch, **kwargs):
             return ResBlock(ch, time_embed_dim, dropout, out_channels=out_ch,
@@ -350,7 +358,7 @@ class ADM(nn.Module):
 
     @staticmethod
     def _validate(input_size, model_channels, num_res_blocks, channel_mult, attention_resolutions,
-                  num_classes, dropout):
+                  num_classes, dropout, class_dropout_prob):
         """Raise ValueError naming the first bad architecture argument."""
         if len(channel_mult) == 0:
             raise ValueError("channel_mult is empty; give one multiplier per resolution level, e.g. (1, 2, 3, 4)")
@@ -373,6 +381,11 @@ class ADM(nn.Module):
             raise ValueError(f"num_classes must be None or an integer >= 1 (1 = unconditional), got {num_classes!r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+        if not (isinstance(class_dropout_prob, (int, float)) and 0 <= class_dropout_prob < 1):
+            raise ValueError(f"class_dropout_prob must lie in [0, 1), got {class_dropout_prob!r}")
+        if num_classes == 1 and class_dropout_prob > 0:
+            raise ValueError("class_dropout_prob > 0 needs a class-conditional model (num_classes > 1): "
+                             "an unconditional model has no labels to drop")
 
     def _make_router(self, channels):
         """One router per routed block, sized to its input channels; R-TR seeds each block differently."""
@@ -384,8 +397,12 @@ class ADM(nn.Module):
         """The settings that rebuild the routing tables (stored in checkpoints)."""
         return {k: self.config[k] for k in ROUTING_CONFIG_KEYS}
 
-    def forward(self, x, t, y=None):
-        """Model output (N, out_channels, H, W) for x (N, C, H, W), original timesteps t (N,), labels y (N,)."""
+    def forward(self, x, t, y=None, force_drop_ids=None):
+        """Model output (N, out_channels, H, W) for x (N, C, H, W), original timesteps t (N,), labels y (N,).
+
+        Label dropout as DiT: while training, labels become the null class num_classes with probability
+        class_dropout_prob, or exactly where force_drop_ids == 1 (train.py draws them for the global batch).
+        """
         if t.dim() != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"timesteps must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         in_range = (t >= 0) & (t < NUM_TIMESTEPS)
@@ -398,7 +415,7 @@ class ADM(nn.Module):
         if self.num_classes > 1:
             if y is None:
                 raise ValueError(f"this ADM is class-conditional ({self.num_classes} classes); pass labels y")
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(self.drop_labels(y, force_drop_ids))
         hs, h = [], x
         for module in self.input_blocks:
             h = self._run(module, h, emb, t)
@@ -407,6 +424,18 @@ class ADM(nn.Module):
         for module in self.output_blocks:
             h = self._run(module, torch.cat([h, hs.pop()], dim=1), emb, t)  # (N, C + C_skip, H, W)
         return self.out(h)
+
+    def drop_labels(self, y, force_drop_ids=None):
+        """Labels with the dropped ones replaced by the null class (classifier-free guidance training)."""
+        if force_drop_ids is None:
+            if not (self.training and self.class_dropout_prob > 0):
+                return y
+            drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
+        else:
+            if self.class_dropout_prob == 0:
+                raise ValueError("force_drop_ids given, but this ADM has no null class (class_dropout_prob=0)")
+            drop = force_drop_ids == 1
+        return torch.where(drop, self.num_classes, y)
 
     def _run(self, module, h, emb, t):
         """Apply one UNet stage, with activation checkpointing when asked for and training."""
@@ -426,21 +455,5 @@ ADM_IMAGENET64 = dict(
     attention_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1, learn_sigma=True,
     resblock_updown=True, use_scale_shift_norm=True, use_new_attention_order=True, num_classes=1000,
 )
-
-
-def ADM_ImageNet64(**kwargs):
-    return ADM(**{**ADM_IMAGENET64, **kwargs})
-
-
-def ADM_FFHQ64(**kwargs):
-    return ADM(**{**ADM_IMAGENET64, "num_classes": 1, **kwargs})
-
-
-ADM_models = {"ADM-ImageNet64": ADM_ImageNet64, "ADM-FFHQ64": ADM_FFHQ64}
-
-
-def create_adm(name, **kwargs):
-    """Build a preset ADM by name, e.g. create_adm("ADM-FFHQ64", routing="dtr"); kwargs override the preset."""
-    if name not in ADM_models:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(ADM_models)}")
-    return ADM_models[name](**kwargs)
+# The zoo as constructor arguments (models.create_model builds them, with overrides).
+ADM_models = {"ADM-ImageNet64": ADM_IMAGENET64, "ADM-FFHQ64": {**ADM_IMAGENET64, "num_classes": 1}}

@@ -50,12 +50,14 @@ class PerSampleNoise:
         return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in self.generators]).to(self.device)
 
 
-def resolve_cfg_scale(cfg_scale, num_classes, default):
-    """CFG scale to use: `default` for conditional models, 1 (no guidance) for unconditional ones."""
-    if num_classes == 1:
+def resolve_cfg_scale(cfg_scale, num_classes, default, class_dropout_prob=0.1):
+    """CFG scale to use: `default` for conditional models, 1 (no guidance) for unconditional ones and for
+    conditional ones without a null class (guided-diffusion's released ADM, trained without label dropout)."""
+    if num_classes == 1 or class_dropout_prob == 0:
         if cfg_scale is not None and cfg_scale != 1.0:
-            raise ValueError(f"--cfg-scale {cfg_scale} given, but the model is unconditional "
-                             "(num_classes = 1): classifier-free guidance does not apply")
+            why = ("the model is unconditional (num_classes = 1)" if num_classes == 1 else
+                   "the model has no null class (trained with class_dropout_prob = 0)")
+            raise ValueError(f"--cfg-scale {cfg_scale} given, but {why}: classifier-free guidance does not apply")
         return 1.0
     return default if cfg_scale is None else cfg_scale
 
@@ -97,7 +99,8 @@ def load_for_sampling(args, device, default_cfg_scale):
     """(model, settings, cfg_scale, diffusion, vae) from a sampling script's --ckpt, --sampler and step flags."""
     model, settings = load_checkpoint(args.ckpt, checkpoint_flags(args), args.use_model_weights)
     model = model.to(device)
-    cfg_scale = resolve_cfg_scale(args.cfg_scale, model.num_classes, default=default_cfg_scale)
+    cfg_scale = resolve_cfg_scale(args.cfg_scale, model.num_classes, default=default_cfg_scale,
+                                  class_dropout_prob=model.config.get("class_dropout_prob", 0.1))
     respacing = f"ddim{args.num_sampling_steps}" if args.sampler == "ddim" else str(args.num_sampling_steps)
     diffusion = create_diffusion(**{**settings.diffusion_config, "timestep_respacing": respacing})
     vae = None if settings.vae == "none" else load_vae(settings.vae, device)

@@ -4,9 +4,10 @@ Three formats are read (see the checkpoint format in README / the project contra
   * ours (train.py): {"model", "ema", "model_config", "diffusion_config", "vae", "image_size", ...};
     every model, routing and diffusion setting comes from the file;
   * official DiT training dicts: {"model", "ema", "opt", "args": argparse.Namespace};
-  * raw state_dicts (the released DiT-XL-2-256x256.pt): nothing but weights, so the flags
-    (--model, --image-size, --num-classes, routing flags) say what to build, defaulting to
-    official DiT (DiT-XL/2, 256px, 1000 classes, SD VAE latents, linear schedule, learn_sigma).
+  * raw state_dicts (the released DiT-XL-2-256x256.pt, guided-diffusion's 64x64_diffusion.pt): nothing
+    but weights, so the flags (--model, --image-size, --num-classes, routing flags) say what to build,
+    defaulting to official DiT (DiT-XL/2, 256px, 1000 classes, SD VAE latents, linear schedule,
+    learn_sigma) or, for --model ADM-*, to guided-diffusion's 64x64 pixel models (cosine schedule).
 A flag that disagrees with a setting stored in the checkpoint is an error naming both values.
 """
 import argparse
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import DiT, create_model
+from models import ADM, DiT, build_from_config, create_model, family_of
 
 
 # Official DiT's defaults, used only for files that do not say how they were trained.
@@ -23,6 +24,11 @@ OFFICIAL_DEFAULTS = {
     "model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "routing": "none",
     "alpha": 4.0, "beta": 0.8, "routing_seed": 0, "noise_schedule": "linear",
     "vae": "stabilityai/sd-vae-ft-ema",
+}
+# Per backbone family, what its public raw state_dicts were trained with (num_classes: the zoo entry's).
+RAW_STATE_DICT_DEFAULTS = {
+    DiT: {"image_size": 256, "noise_schedule": "linear", "vae": OFFICIAL_DEFAULTS["vae"]},
+    ADM: {"image_size": 64, "noise_schedule": "squaredcos_cap_v2", "vae": "none"},  # guided-diffusion 64x64
 }
 LATENT_SCALE = 0.18215        # SD VAE latent scaling (official DiT: decode(z / 0.18215))
 LATENT_DOWNSAMPLE = 8         # SD VAE: 256x256x3 -> 32x32x4
@@ -103,7 +109,7 @@ def _pick_weights(ckpt, use_model_weights, path):
 def _load_ours(ckpt, flags, use_model_weights, path):
     """Our train.py format: settings come from the file, flags may only agree with it."""
     config = dict(ckpt["model_config"])
-    name = config.pop("model", "custom")
+    name = config.get("model", "custom")
     diffusion_config = dict(ckpt.get("diffusion_config") or {})
     stored = {"model": name, "image_size": ckpt.get("image_size"), "num_classes": config.get("num_classes"),
               "routing": config.get("routing"), "alpha": config.get("alpha"), "beta": config.get("beta"),
@@ -111,8 +117,7 @@ def _load_ours(ckpt, flags, use_model_weights, path):
               "noise_schedule": diffusion_config.get("noise_schedule", "linear")}
     for key in SETTING_FLAGS:
         _resolve(key, stored[key], flags.get(key), path)
-    config["grad_checkpointing"] = False
-    model = DiT(**config)
+    model = build_from_config({"model": name, **config}, grad_checkpointing=False)
     state_dict, which = _pick_weights(ckpt, use_model_weights, path)
     vae = ckpt.get("vae", "none")
     if flags.get("vae") is not None:
@@ -129,22 +134,37 @@ def _load_ours(ckpt, flags, use_model_weights, path):
 
 
 def _load_official(state_dict, args, flags, weights, path):
-    """Official DiT files: a Namespace of train.py args (or nothing) plus flags, defaults as official."""
+    """Official DiT / guided-diffusion files: train.py args (or nothing) plus flags, defaults as released."""
     stored = {k: getattr(args, k, None) for k in ("model", "image_size", "num_classes")} if args else {}
     value = {k: _resolve(k, stored.get(k), flags.get(k), path) for k in SETTING_FLAGS}
-    value = {k: OFFICIAL_DEFAULTS[k] if v is None else v for k, v in value.items()}
-    vae = flags.get("vae") or (getattr(args, "vae", None) if args else None) or OFFICIAL_DEFAULTS["vae"]
-    if vae == "none":
-        raise ValueError(f"{path} is an official DiT checkpoint (latent space); --vae none is not possible")
-    if value["image_size"] % LATENT_DOWNSAMPLE != 0:
-        raise ValueError(f"--image-size {value['image_size']} must be divisible by {LATENT_DOWNSAMPLE}")
-    model = create_model(value["model"], input_size=value["image_size"] // LATENT_DOWNSAMPLE,
-                         num_classes=value["num_classes"], routing=value["routing"], alpha=value["alpha"],
-                         beta=value["beta"], routing_seed=value["routing_seed"])
+    name = value["model"] or OFFICIAL_DEFAULTS["model"]
+    family = family_of(name)
+    defaults = {**OFFICIAL_DEFAULTS, "num_classes": family.presets[name].get("num_classes", 1000),
+                **RAW_STATE_DICT_DEFAULTS[family.constructor], "model": name}
+    value = {k: defaults[k] if v is None else v for k, v in value.items()}
+    vae = flags.get("vae") or (getattr(args, "vae", None) if args else None) or defaults["vae"]
+    pixel_space = defaults["vae"] == "none"
+    if (vae == "none") != pixel_space:
+        raise ValueError(f"--vae {vae} does not fit {path}: {name} checkpoints are "
+                         f"{'pixel' if pixel_space else 'latent'}-space models")
+    downsample = 1 if pixel_space else LATENT_DOWNSAMPLE
+    if value["image_size"] % downsample != 0:
+        raise ValueError(f"--image-size {value['image_size']} must be divisible by {downsample}")
+    model = create_model(name, input_size=value["image_size"] // downsample, num_classes=value["num_classes"],
+                         routing=value["routing"], alpha=value["alpha"], beta=value["beta"],
+                         routing_seed=value["routing_seed"], **label_layout(family, state_dict, value["num_classes"]))
     diffusion_config = {"noise_schedule": value["noise_schedule"], "learn_sigma": model.learn_sigma}
-    settings = SamplingSettings(model_name=value["model"], image_size=value["image_size"], vae=vae_name(vae),
+    settings = SamplingSettings(model_name=name, image_size=value["image_size"], vae=vae_name(vae),
                                 latent_scale=LATENT_SCALE, diffusion_config=diffusion_config, weights=weights)
     return model, state_dict, settings
+
+
+def label_layout(family, state_dict, num_classes):
+    """class_dropout_prob=0 for an ADM whose label table has no null-class row (guided-diffusion's release)."""
+    table = state_dict.get("label_emb.weight")
+    if family.constructor is ADM and table is not None and table.shape[0] == num_classes:
+        return {"class_dropout_prob": 0.0}
+    return {}
 
 
 def load_checkpoint(path, flags=None, use_model_weights=False):
@@ -165,7 +185,7 @@ def load_checkpoint(path, flags=None, use_model_weights=False):
         model, state_dict, settings = _load_official(ckpt, None, flags, "state_dict", path)
     else:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: not a DiT checkpoint (top level: {keys})")
+        raise ValueError(f"{path}: not a DiT or ADM checkpoint (top level: {keys})")
     check_state_dict_fits(model, state_dict, settings.model_name)
     model.load_state_dict(state_dict, strict=True)
     return model.eval(), settings
@@ -178,7 +198,8 @@ def add_checkpoint_arguments(parser):
     parser.add_argument("--use-model-weights", action="store_true",
                         help="sample the raw training weights instead of the EMA weights")
     # Defaults None: a flag given must agree with the checkpoint; raw state_dicts fall back to official DiT.
-    parser.add_argument("--model", type=str, default=None, help="zoo name, e.g. DiT-XL/2 (raw state_dicts)")
+    parser.add_argument("--model", type=str, default=None,
+                        help="zoo name, e.g. DiT-XL/2 or ADM-ImageNet64 (raw state_dicts; else from the checkpoint)")
     parser.add_argument("--image-size", type=int, default=None, help="pixels; official default 256")
     parser.add_argument("--num-classes", type=int, default=None, help="official default 1000")
     parser.add_argument("--routing", type=str, default=None, help="none, dtr, rtr, ... (raw state_dicts)")

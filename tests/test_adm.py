@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.adm import ADM, ADM_IMAGENET64, ADM_models, AttentionBlock, ResBlock, create_adm
+from models import create_model
+from models.adm import ADM, ADM_IMAGENET64, ADM_models, AttentionBlock, ResBlock
 from models.routing import TaskRouter, build_masks
 
 TINY = dict(input_size=8, in_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -203,16 +204,18 @@ def test_timestep_outside_table_raises(routing):
 
 def test_presets_match_adm_parameter_counts():
     with torch.device("meta"):  # no memory or init time for the 296M weights
-        imagenet = create_adm("ADM-ImageNet64")
-        ffhq = create_adm("ADM-FFHQ64", routing="dtr")
+        imagenet = create_model("ADM-ImageNet64", class_dropout_prob=0)  # guided-diffusion's exact layout
+        ffhq = create_model("ADM-FFHQ64", routing="dtr")
+        imagenet_cfg = create_model("ADM-ImageNet64")
     n_imagenet = sum(p.numel() for p in imagenet.parameters())
     n_ffhq = sum(p.numel() for p in ffhq.parameters())
     assert abs(n_imagenet - 296e6) / 296e6 < 0.005  # ADM paper: 296M for ImageNet 64x64
     assert n_imagenet - n_ffhq == 1000 * 4 * 192  # only the label embedding differs; DTR adds nothing
+    assert sum(p.numel() for p in imagenet_cfg.parameters()) - n_imagenet == 4 * 192  # one null-class row
     assert imagenet.out_channels == 6 and ffhq.num_classes == 1 and set(ADM_models) == {"ADM-ImageNet64", "ADM-FFHQ64"}
     assert imagenet.config == {**imagenet.config, **ADM_IMAGENET64}
     with pytest.raises(ValueError, match="ADM-FFHQ64"):
-        create_adm("ADM-FFHQ256")
+        create_model("ADM-FFHQ256")
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
@@ -223,3 +226,20 @@ def test_grad_checkpointing_gives_the_same_gradients():
         model(x, t, y).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_label_dropout_uses_the_null_class_row():
+    x, t, y = inputs()
+    model = randomize(ADM(**TINY)).train()  # conditional: class_dropout_prob defaults to 0.1
+    assert model.config["class_dropout_prob"] == 0.1 and model.label_emb.weight.shape[0] == 11
+    null = torch.full_like(y, 10)
+    dropped = model(x, t, y, force_drop_ids=torch.tensor([1, 0, 1]))
+    torch.testing.assert_close(dropped, model(x, t, torch.where(torch.tensor([True, False, True]), null, y)),
+                               rtol=0, atol=0)
+    assert not torch.allclose(dropped, model(x, t, y))
+    exact = ADM(**TINY, class_dropout_prob=0)  # guided-diffusion's layout: no null row, no dropout
+    assert exact.label_emb.weight.shape[0] == 10
+    with pytest.raises(ValueError, match="no null class"):
+        exact(x, t, y, force_drop_ids=torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match="unconditional"):
+        ADM(**{**TINY, "num_classes": 1}, class_dropout_prob=0.1)

@@ -116,7 +116,7 @@ def test_run_record_is_written_at_start_and_its_config_reproduces_the_flags(tmp_
               "--exp-name", "rec", "--resume", "auto")
     with open(f"{exp}/config.yaml") as f:
         config = yaml.safe_load(f)
-    assert config["lr"] == 3e-4 and config["hidden-size"] == 32 and "resume" not in config
+    assert config["lr"] == 3e-4 and config["model-args"]["hidden_size"] == 32 and "resume" not in config
     original = train.parse_args(["--config", TINY, "--data-path", images, "--results-dir", str(tmp_path),
                                  "--max-steps", "1", "--lr", "3e-4"])
     reloaded = train.parse_args(["--config", f"{exp}/config.yaml"])

@@ -21,7 +21,7 @@ def save_tiny(path, num_classes=10, in_channels=1):
         if p.requires_grad:
             p.data.normal_(0, 0.05)
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "args": {},
-                "model_config": {"model": "tiny", **model.config},
+                "model_config": {"model": "DiT-S/2", **model.config},
                 "diffusion_config": {"noise_schedule": "linear", "learn_sigma": True},
                 "vae": "none", "image_size": 8, "latent_scale": 0.18215}, path)
     return str(path)
@@ -86,7 +86,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     ckpt = save_tiny(tmp_path / "c.pt")
     with pytest.raises(ValueError, match=r"--class-labels \[10, 12\] outside \[0, 10\)"):
         draw(ckpt, tmp_path / "x.png", "--class-labels", "1", "10", "12")
-    with pytest.raises(ValueError, match="--model DiT-XL/2 conflicts with the checkpoint's model 'tiny'"):
+    with pytest.raises(ValueError, match="--model DiT-XL/2 conflicts with the checkpoint's model 'DiT-S/2'"):
         draw(ckpt, tmp_path / "x.png", "--model", "DiT-XL/2")
     with pytest.raises(ValueError, match="--vae ema conflicts with the checkpoint's vae 'none'"):
         draw(ckpt, tmp_path / "x.png", "--vae", "ema")

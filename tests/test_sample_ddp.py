@@ -33,7 +33,7 @@ def save_ours(path, model, ema=None, vae="none", image_size=8):
     """A checkpoint in train.py's format (the project contract)."""
     ema = model if ema is None else ema
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": {}, "step": 7, "args": {},
-                "model_config": {"model": "tiny", **model.config},
+                "model_config": {"model": "DiT-S/2", **model.config},
                 "diffusion_config": {"noise_schedule": "linear", "learn_sigma": True},
                 "vae": vae, "image_size": image_size, "latent_scale": 0.18215}, path)
     return str(path)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from diffusion.guidance import ClassifierFreeGuidance
+from models import create_model
 from models.dit import DiT_models
 from models.text_dit import TextDiT, create_text_model
 
@@ -219,7 +220,7 @@ def test_config_rebuilds_an_identical_model():
 def test_zoo_names_give_the_official_dit_shapes():
     for name in DiT_models:
         with torch.device("meta"):
-            dit = DiT_models[name](input_size=32)
+            dit = create_model(name, input_size=32)
             text = create_text_model(name, input_size=32)
         assert len(text.blocks) == len(dit.blocks)
         assert text.x_embedder.proj.weight.shape == dit.x_embedder.proj.weight.shape  # width and patch

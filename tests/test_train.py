@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import train
-from models import DiT, DiT_models, ROUTING_KINDS
+from models import ROUTING_KINDS, build_from_config, model_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_pixel.yaml")
@@ -61,7 +61,7 @@ def assert_same_tensors(a, b, atol=0.0):
 def test_every_config_parses_and_names_a_valid_model(path):
     args = train.parse_args(["--config", path])
     train.validate_args(args)
-    assert args.model in DiT_models and args.routing in ROUTING_KINDS
+    assert args.model in model_names() and args.routing in ROUTING_KINDS
     assert args.alpha > 0 and 0 < args.beta <= 1
     name = os.path.basename(path)
     if os.path.basename(os.path.dirname(path)).startswith(("table", "figure")):  # paper configs: the file
@@ -93,8 +93,10 @@ def test_config_unknown_key_is_an_error_naming_it(tmp_path):
 
 
 def test_command_line_overrides_config_and_yaml_values_are_type_checked(tmp_path):
-    args = train.parse_args(["--config", TINY, "--alpha", "2", "--lr", "3e-4"])
-    assert (args.alpha, args.lr, args.hidden_size, args.beta) == (2.0, 3e-4, 32, 0.8)
+    args = train.parse_args(["--config", TINY, "--alpha", "2", "--lr", "3e-4", "--model-arg", "depth=3"])
+    assert (args.alpha, args.lr, args.beta) == (2.0, 3e-4, 0.8)
+    # the config's model_args mapping first, the command line's --model-arg after it (and winning)
+    assert train.model_overrides(args) == {"hidden_size": 32, "depth": 3, "num_heads": 2, "patch_size": 2}
     bad = tmp_path / "bad.yaml"
     bad.write_text("routing: sliding\n")
     with pytest.raises(SystemExit):  # argparse: invalid choice 'sliding'
@@ -107,7 +109,7 @@ def test_command_line_overrides_config_and_yaml_values_are_type_checked(tmp_path
 
 def test_checkpoint_has_contract_keys_and_rebuilds_the_model(tmp_path, images):
     exp = run("--data-path", images, "--results-dir", tmp_path, "--max-steps", 3, "--ckpt-every", 2)
-    assert os.path.basename(exp) == "000-DiT-custom"
+    assert os.path.basename(exp) == "000-DiT-S-2"
     assert ckpts(exp) == ["0000002.pt", "0000003.pt"]  # every 2 steps, plus the final step
     ckpt = load(f"{exp}/checkpoints/0000003.pt")
     assert {"model", "ema", "opt", "step", "args", "model_config", "diffusion_config", "vae", "image_size",
@@ -116,9 +118,9 @@ def test_checkpoint_has_contract_keys_and_rebuilds_the_model(tmp_path, images):
     assert ckpt["data_state"] == {"epoch": 0, "position": 3, "sampler_seed": 0, "global_batch_size": 4}
     assert ckpt["diffusion_config"]["noise_schedule"] == "squaredcos_cap_v2"
     config = dict(ckpt["model_config"])
-    assert config.pop("model") == "DiT-custom"
+    assert config.pop("model") == "DiT-S/2"
     assert (config["hidden_size"], config["depth"], config["in_channels"], config["routing"]) == (32, 2, 3, "dtr")
-    model = DiT(**config)
+    model = build_from_config(ckpt["model_config"])
     model.load_state_dict(ckpt["ema"])  # strict: exactly the official key set
     # EMA 0.9999 from a copy of the init: after 3 steps it is still (almost) the init, the model moved
     moved = max((ckpt["model"][k] - ckpt["ema"][k]).abs().max().item() for k in ckpt["model"])
@@ -151,7 +153,7 @@ def test_resume_refuses_a_checkpoint_of_another_routing_or_model(tmp_path, image
     with pytest.raises(ValueError, match="routing: checkpoint 'dtr' vs this run 'random'"):
         run("--data-path", images, "--max-steps", 2, "--resume", path, "--routing", "random")
     with pytest.raises(ValueError, match="depth: checkpoint 2 vs this run 3"):
-        run("--data-path", images, "--max-steps", 2, "--resume", path, "--depth", 3)
+        run("--data-path", images, "--max-steps", 2, "--resume", path, "--model-arg", "depth=3")
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint_loadable(tmp_path, images, monkeypatch):
@@ -170,7 +172,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint_loadable(tmp_path, ima
     monkeypatch.setattr(torch, "save", save_then_crash)
     with pytest.raises(OSError, match="simulated"):
         run("--data-path", images, "--results-dir", tmp_path, "--max-steps", 4, "--ckpt-every", 2)
-    exp = f"{tmp_path}/000-DiT-custom"
+    exp = f"{tmp_path}/000-DiT-S-2"
     assert ckpts(exp) == ["0000002.pt"]  # no partial 0000004.pt, no temp file left behind
     assert load(f"{exp}/checkpoints/0000002.pt")["step"] == 2
 
@@ -196,7 +198,7 @@ def test_non_finite_loss_stops_with_its_step_and_writes_no_bad_checkpoint(tmp_pa
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3.*0000002\.pt"):
         run("--data-path", images, "--results-dir", tmp_path, "--max-steps", 6, "--ckpt-every", 2,
             "--log-every", 10)
-    assert ckpts(f"{tmp_path}/000-DiT-custom") == ["0000002.pt"]
+    assert ckpts(f"{tmp_path}/000-DiT-S-2") == ["0000002.pt"]
 
 
 #################################################################################
@@ -211,16 +213,17 @@ def test_bad_inputs_fail_before_training_with_clear_errors(tmp_path, images):
         (["--data-path", empty], FileNotFoundError, "--data-path is empty"),
         (["--data-path", images, "--alpha", "0"], ValueError, "--alpha must be a finite number > 0"),
         (["--data-path", images, "--beta", "1.5"], ValueError, r"--beta must lie in \(0, 1\]"),
-        (["--data-path", images, "--image-size", "9"], ValueError, "--image-size 9 is not divisible by the patch size 2"),
+        (["--data-path", images, "--image-size", "9"], ValueError, "input_size 9 is not divisible by patch_size 2"),
         (["--data-path", images, "--global-batch-size", "32"], ValueError, "fewer than --global-batch-size"),
         (["--data-path", images, "--num-classes", "1"], ValueError, "2 classes but --num-classes is 1"),
-        (["--data-path", images, "--depth", "0"], ValueError, "invalid custom DiT shape"),
+        (["--data-path", images, "--model-arg", "hiden_size=64"], ValueError, r"DiT-S/2 \(DiT\) has no argument hiden_size"),
+        (["--data-path", images, "--model-arg", "routing=dtr"], ValueError, "routing=... is set by --routing"),
     ]
     for argv, error, message in cases:
         with pytest.raises(error, match=message):
             run("--results-dir", tmp_path / "results", *argv)
     assert not os.path.exists(tmp_path / "results")  # nothing written for any of them
-    for flag, value in (("--model", "DiT-M/2"), ("--routing", "sliding")):
+    for flag, value in (("--model", "DiT-M/2"), ("--routing", "sliding"), ("--model-arg", "depth")):
         with pytest.raises(SystemExit):  # argparse names the valid choices
             train.parse_args(["--config", TINY, flag, value])
     args = train.parse_args(["--config", TINY, "--data-path", images])
@@ -264,12 +267,12 @@ def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, imag
                     os.path.join(ROOT, "train.py"), "--config", TINY, "--results-dir", str(tmp_path / "ddp"),
                     *map(str, common)], check=True, env=env, cwd=ROOT, timeout=240)
     single = run(*common, "--results-dir", tmp_path / "one")
-    a = load(f"{tmp_path}/ddp/000-DiT-custom/checkpoints/0000003.pt")
+    a = load(f"{tmp_path}/ddp/000-DiT-S-2/checkpoints/0000003.pt")
     b = load(f"{single}/checkpoints/0000003.pt")
     # Same samples, t, noise and label drops per step; only the gradient all-reduce sums in another
     # order, so weights agree to float32 rounding (Adam steps are ~lr = 1e-4 per element).
     assert_same_tensors(a["model"], b["model"], atol=1e-6)
     assert_same_tensors(a["ema"], b["ema"], atol=1e-6)
-    loss_ddp = [json.loads(line)["loss"] for line in open(f"{tmp_path}/ddp/000-DiT-custom/metrics.jsonl")]
+    loss_ddp = [json.loads(line)["loss"] for line in open(f"{tmp_path}/ddp/000-DiT-S-2/metrics.jsonl")]
     loss_one = [json.loads(line)["loss"] for line in open(f"{single}/metrics.jsonl")]
     np.testing.assert_allclose(loss_ddp, loss_one, rtol=1e-5)

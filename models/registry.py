@@ -1,0 +1,79 @@
+"""Every backbone of the paper by name: one table of model families, one create_model (Park et al., Sec. 5).
+
+    model = create_model("DiT-B/2", routing="dtr")                     # a zoo entry
+    model = create_model("ADM-FFHQ64", model_channels=64, routing="dtr")  # overrides replace any argument
+    model = build_from_config(checkpoint["model_config"])              # what model_config(...) stored
+
+A family is a constructor plus its zoo of preset constructor arguments; a new backbone is one more row
+of MODEL_FAMILIES. Every model keeps its full constructor arguments in `model.config`, so
+model_config(name, model) is all a checkpoint needs to rebuild it.
+"""
+import inspect
+from dataclasses import dataclass
+
+from models.adm import ADM, ADM_models
+from models.dit import DiT, DiT_models
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A backbone class and its zoo: {name: preset constructor arguments}."""
+    constructor: type
+    presets: dict
+
+    def arguments(self):
+        """Names of the constructor's keyword arguments (what overrides may set)."""
+        return [name for name in inspect.signature(self.constructor).parameters if name != "self"]
+
+
+MODEL_FAMILIES = {
+    "DiT": ModelFamily(DiT, DiT_models),   # Peebles & Xie (2023), latent or pixel space
+    "ADM": ModelFamily(ADM, ADM_models),   # Dhariwal & Nichol (2021), pixel space 64x64
+}
+# Names checkpoints of older versions of this code stored for DiTs built outside the zoo.
+LEGACY_NAMES = {"DiT-custom": "DiT", "custom": "DiT"}
+
+
+def model_names():
+    """Every zoo name, family by family."""
+    return [name for family in MODEL_FAMILIES.values() for name in family.presets]
+
+
+def family_of(name):
+    """The ModelFamily that holds zoo name `name`; ValueError listing the valid names otherwise."""
+    for family in MODEL_FAMILIES.values():
+        if name in family.presets:
+            return family
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(model_names())}")
+
+
+def check_overrides(name, overrides):
+    """Raise ValueError naming every override that is not a constructor argument of the model's family."""
+    family = family_of(name)
+    valid = family.arguments()
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"{name} ({family.constructor.__name__}) has no argument {', '.join(unknown)}; "
+                         f"valid: {', '.join(valid)}")
+
+
+def create_model(name, **overrides):
+    """Build zoo model `name`, overrides replacing any of its constructor arguments."""
+    check_overrides(name, overrides)
+    family = family_of(name)
+    return family.constructor(**{**family.presets[name], **overrides})
+
+
+def model_config(name, model):
+    """{"model": name, **every constructor argument}: what a checkpoint stores to rebuild the model."""
+    return {"model": name, **model.config}
+
+
+def build_from_config(config, **overrides):
+    """Rebuild a model from model_config(...) (overrides win, e.g. grad_checkpointing=False)."""
+    config = dict(config)
+    name = config.pop("model")
+    if name in LEGACY_NAMES:
+        family = MODEL_FAMILIES[LEGACY_NAMES[name]]
+        return family.constructor(**{**config, **overrides})
+    return create_model(name, **{**config, **overrides})
