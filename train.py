@@ -66,7 +66,7 @@ MODEL_ARGS_SET_BY_TRAIN = {"input_size": "--image-size and the data", "in_channe
                            "num_classes": "--num-classes", "learn_sigma": "train.py (learned variances, as the paper)",
                            "routing": "--routing", "alpha": "--alpha", "beta": "--beta",
                            "routing_seed": "--routing-seed", "grad_checkpointing": "--grad-checkpointing"}
-NOISE_SCHEDULES = ("squaredcos_cap_v2", "linear")
+NOISE_SCHEDULES = ("squaredcos_cap_v2", "cosine", "linear")  # cosine = squaredcos_cap_v2 (ADM's / the release's name)
 
 
 #################################################################################
@@ -541,7 +541,7 @@ def build_parser():
     model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     diff = parser.add_argument_group("diffusion")
     diff.add_argument("--noise-schedule", type=str, choices=NOISE_SCHEDULES, default="squaredcos_cap_v2",
-                      help="squaredcos_cap_v2 = cosine (paper); linear = official DiT")
+                      help="squaredcos_cap_v2 or its other name cosine (paper); linear = official DiT")
     diff.add_argument("--loss-weighting", type=str, choices=WEIGHTINGS, default="vanilla")
     diff.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR gamma")
     diff.add_argument("--p2-k", type=float, default=1.0)

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-SCHEDULES = ("linear", "squaredcos_cap_v2")
+SCHEDULES = ("linear", "squaredcos_cap_v2", "cosine")  # "cosine" is ADM's and the DTR release's name for squaredcos_cap_v2
 
 
 def linear_beta_schedule(num_diffusion_timesteps):
@@ -29,11 +29,11 @@ def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
 
 
 def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
-    """Betas for a named schedule: "linear" (DDPM, official DiT default) or "squaredcos_cap_v2" (cosine)."""
+    """Betas for a named schedule: "linear" (DDPM, official DiT default) or "squaredcos_cap_v2" = "cosine"."""
     if not isinstance(num_diffusion_timesteps, int) or num_diffusion_timesteps < 1:
         raise ValueError(f"diffusion_steps must be a positive int, got {num_diffusion_timesteps!r}")
     if schedule_name == "linear":
         return linear_beta_schedule(num_diffusion_timesteps)
-    if schedule_name == "squaredcos_cap_v2":
+    if schedule_name in ("squaredcos_cap_v2", "cosine"):
         return betas_for_alpha_bar(num_diffusion_timesteps, cosine_alpha_bar)
     raise ValueError(f"unknown noise_schedule {schedule_name!r}; expected one of {SCHEDULES}")

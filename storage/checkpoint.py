@@ -1,13 +1,17 @@
 """Turn any supported checkpoint into (model, settings) for sampling.
 
-Three formats are read (see the checkpoint format in README / the project contract):
+Four formats are read (see the checkpoint format in README / the project contract):
   * ours (train.py): {"model", "ema", "model_config", "diffusion_config", "vae", "image_size", ...};
     every model, routing and diffusion setting comes from the file;
   * official DiT training dicts: {"model", "ema", "opt", "args": argparse.Namespace};
+  * the DTR authors' dicts: {"model", "ema", "opt", "config": OmegaConf DictConfig}; model, routing,
+    alpha, beta, schedule and VAE come from the config (read as data: storage/authors_checkpoint.py);
   * raw state_dicts (the released DiT-XL-2-256x256.pt, guided-diffusion's 64x64_diffusion.pt): nothing
     but weights, so the flags (--model, --image-size, --num-classes, routing flags) say what to build,
     defaulting to official DiT (DiT-XL/2, 256px, 1000 classes, SD VAE latents, linear schedule,
-    learn_sigma) or, for --model ADM-*, to guided-diffusion's 64x64 pixel models (cosine schedule).
+    learn_sigma) or, for --model ADM-*, to guided-diffusion's 64x64 pixel models (cosine schedule);
+    DiT files whose weights carry the release's routing tables (`blocks.{i}.routing._unit_mapping`)
+    default to its DTR (alpha 4, beta 0.8) and cosine schedule instead.
 A flag that disagrees with a setting stored in the checkpoint is an error naming both values.
 """
 import argparse
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models import ADM, DiT, build_from_config, create_model, family_of
+from storage.authors_checkpoint import carries_release_routing_tables, load_with_omegaconf_config, release_settings
 
 
 # Official DiT's defaults, used only for files that do not say how they were trained.
@@ -30,6 +35,8 @@ RAW_STATE_DICT_DEFAULTS = {
     DiT: {"image_size": 256, "noise_schedule": "linear", "vae": OFFICIAL_DEFAULTS["vae"]},
     ADM: {"image_size": 64, "noise_schedule": "squaredcos_cap_v2", "vae": "none"},  # guided-diffusion 64x64
 }
+# What the DTR release trained with, for its files that do not say (their mask tables are the sign).
+RELEASE_DEFAULTS = {"routing": "dtr", "noise_schedule": "cosine"}
 LATENT_SCALE = 0.18215        # SD VAE latent scaling (official DiT: decode(z / 0.18215))
 LATENT_DOWNSAMPLE = 8         # SD VAE: 256x256x3 -> 32x32x4
 SETTING_FLAGS = ("model", "image_size", "num_classes", "routing", "alpha", "beta", "routing_seed",
@@ -54,11 +61,10 @@ def vae_name(vae):
 
 
 def _read(path):
-    """torch.load with weights_only=True; argparse.Namespace is allowed for official DiT dicts."""
+    """torch.load with weights_only=True; admits argparse.Namespace (official DiT) and OmegaConf configs (the release)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_with_omegaconf_config(path, extra_globals=[argparse.Namespace])
 
 
 def _is_state_dict(obj):
@@ -134,13 +140,16 @@ def _load_ours(ckpt, flags, use_model_weights, path):
 
 
 def _load_official(state_dict, args, flags, weights, path):
-    """Official DiT / guided-diffusion files: train.py args (or nothing) plus flags, defaults as released."""
-    stored = {k: getattr(args, k, None) for k in ("model", "image_size", "num_classes")} if args else {}
+    """Official DiT / guided-diffusion / DTR release files: their args or config (or nothing) plus flags,
+    defaults as released."""
+    stored = {k: getattr(args, k, None) for k in SETTING_FLAGS} if args else {}
     value = {k: _resolve(k, stored.get(k), flags.get(k), path) for k in SETTING_FLAGS}
     name = value["model"] or OFFICIAL_DEFAULTS["model"]
     family = family_of(name)
     defaults = {**OFFICIAL_DEFAULTS, "num_classes": family.presets[name].get("num_classes", 1000),
                 **RAW_STATE_DICT_DEFAULTS[family.constructor], "model": name}
+    if carries_release_routing_tables(state_dict):
+        defaults.update(RELEASE_DEFAULTS)
     value = {k: defaults[k] if v is None else v for k, v in value.items()}
     vae = flags.get("vae") or (getattr(args, "vae", None) if args else None) or defaults["vae"]
     pixel_space = defaults["vae"] == "none"
@@ -179,6 +188,9 @@ def load_checkpoint(path, flags=None, use_model_weights=False):
     elif isinstance(ckpt, dict) and ("ema" in ckpt or "model" in ckpt) and not _is_state_dict(ckpt):
         args = ckpt.get("args")
         args = argparse.Namespace(**args) if isinstance(args, dict) else args
+        if isinstance(ckpt.get("config"), dict):  # the DTR / ANT releases: their Hydra config, as plain dicts
+            settings = {k: v for k, v in release_settings(ckpt["config"]).items() if v is not None}
+            args = argparse.Namespace(**{**vars(args or argparse.Namespace()), **settings})
         state_dict, which = _pick_weights(ckpt, use_model_weights, path)
         model, state_dict, settings = _load_official(state_dict, args, flags, which, path)
     elif _is_state_dict(ckpt):
@@ -206,7 +218,7 @@ def add_checkpoint_arguments(parser):
     parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--beta", type=float, default=None)
     parser.add_argument("--routing-seed", type=int, default=None)
-    parser.add_argument("--noise-schedule", type=str, default=None, help="linear (official) or squaredcos_cap_v2")
+    parser.add_argument("--noise-schedule", type=str, default=None, help="linear (official DiT) or squaredcos_cap_v2 = cosine")
     parser.add_argument("--vae", type=str, default=None,
                         help="ema, mse, a diffusers name or a local path; 'none' for pixel-space models")
     return parser

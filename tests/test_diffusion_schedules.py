@@ -34,7 +34,14 @@ def test_cosine_alpha_bar_matches_closed_form():
     assert (betas <= 0.999).all() and (betas > 0).all()
 
 
-@pytest.mark.parametrize("name", ["cosine", "sigmoid", ""])
+def test_cosine_is_another_name_for_squaredcos_cap_v2():
+    # ADM and the DTR release call the improved-DDPM schedule "cosine"; their checkpoints store that name
+    np.testing.assert_array_equal(get_named_beta_schedule("cosine", 1000),
+                                  get_named_beta_schedule("squaredcos_cap_v2", 1000))
+    assert not np.array_equal(get_named_beta_schedule("cosine", 1000), get_named_beta_schedule("linear", 1000))
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "Cosine", ""])
 def test_unknown_schedule_is_a_value_error_listing_valid_names(name):
     with pytest.raises(ValueError, match="squaredcos_cap_v2"):
         get_named_beta_schedule(name, 1000)
