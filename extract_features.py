@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from imagedata import BadImageError, ImageFileDataset, build_dataset
 from imagedata.latents import read_shard_record, shard_is_finished, write_manifest, write_shard
-from launch.process_group import setup_distributed
+from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
 
 LATENT_SCALE = 0.18215  # SD VAE latent scale used by DiT / LDM
 VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}  # official DiT --vae
@@ -76,7 +76,9 @@ def shard_range(k, shard_size, n):
 def main(args):
     """Encode every image of --data-path and its flip; write this rank's shards, then rank 0 the manifest."""
     torch.manual_seed(args.global_seed)  # latents are posterior means, so outputs do not depend on it
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(args.device, args.dist_timeout)
+    if rank == 0:
+        print(describe_distributed(world_size, device))
     images = build_dataset(data_path=args.data_path, image_size=args.image_size, kind=args.kind, flip=False,
                            captions=getattr(args, "captions", None))
     if not isinstance(images, ImageFileDataset):
@@ -183,5 +185,6 @@ if __name__ == "__main__":
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--shard-size", type=int, default=10000)
     parser.add_argument("--skip-bad-images", action="store_true")
+    add_launch_arguments(parser)
     parser.add_argument("--global-seed", type=int, default=0)
     main(parser.parse_args())

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from storage.atomic_file import atomic_write
 from storage.checkpoint import add_checkpoint_arguments
-from launch.process_group import setup_distributed
+from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
 from sampling.seeded import class_labels, generate, load_for_sampling, parse_guide_channels, to_uint8
 
 
@@ -135,7 +135,7 @@ def main(args):
     for flag in ("shard_size", "per_proc_batch_size", "num_sampling_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(args.device, args.dist_timeout)
     distributed = dist.is_initialized()  # under torchrun; a plain process runs alone
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32  # official DiT: True, fast, tiny differences
@@ -243,6 +243,7 @@ def build_parser():
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on GPU (official DiT: on)")
     parser.add_argument("--save-png", action="store_true", help="also write <index>.png per sample")
+    add_launch_arguments(parser)
     return parser
 
 

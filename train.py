@@ -55,7 +55,7 @@ from imagedata import build_dataset
 from models import ROUTING_KINDS, check_overrides, create_model, model_names
 from models import model_config as model_config_of
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
-from launch.process_group import cleanup_distributed, setup_distributed
+from launch.process_group import add_launch_arguments, cleanup_distributed, describe_distributed, setup_distributed
 from storage.run_folder import prune_checkpoints, resolve_run
 from storage.resume_policy import apply_learning_rate, check_fixed_settings, dataset_identity
 from storage.run_record import write_run_record
@@ -275,7 +275,7 @@ def main(args):
     """Train a (DTR-routed) DiT; returns the experiment folder."""
     validate_args(args)
     check_data_paths(args)
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(args.device, args.dist_timeout)
     try:
         with PreemptionFlag(world_size) as preemption:  # from here on, SIGTERM/SIGUSR1/SIGINT stop cleanly
             return train(args, rank, world_size, device, preemption)
@@ -368,6 +368,7 @@ def train(args, rank, world_size, device, preemption=None):
         elif args.resume == "auto":
             logger.info(f"--resume auto: no checkpoint in {checkpoint_dir} yet, starting from step 0")
         logger.info(f"Experiment directory: {experiment_dir}")
+        logger.info(describe_distributed(world_size, device))
         logger.info(f"{model_config['model']} parameters: {sum(p.numel() for p in model.parameters()):,}; "
                     f"routing {model.routing_config()}")
         logger.info(f"Dataset contains {len(dataset):,} samples ({args.data_path or args.feature_path}); "
@@ -570,6 +571,7 @@ def build_parser():
                      help="keep only the K newest checkpoints (default: keep all), plus --keep-every's milestones")
     run.add_argument("--keep-every", type=int, default=None,
                      help="with --keep-last: never delete checkpoints whose step is a multiple of this")
+    add_launch_arguments(parser)
     return parser
 
 
