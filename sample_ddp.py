@@ -7,9 +7,11 @@ Differences from official DiT's sample_ddp.py, on purpose:
     so the output does not depend on the number of processes: bitwise identical across world sizes with
     the same --per-proc-batch-size, identical up to float rounding across batch sizes;
   * exactly --num-fid-samples images are written (no overshoot to trim);
-  * work is saved in shards of --shard-size consecutive sample indices, each written atomically by the
-    process that owns it (shard k belongs to rank k mod world size); re-running the same command after
-    a pre-emption skips the finished shards and produces the byte-identical .npz;
+  * the missing samples are cut into batches on a fixed grid and split so that ranks differ by at most
+    one batch (sampling/work_split.py): nobody idles at the final barrier for a whole shard, a wait that
+    outlasts NCCL's timeout at paper scale; each rank saves its batches as shards of up to --shard-size
+    samples (shard_<start>_<stop>.npz, written atomically); re-running the same command after a
+    pre-emption, on any number of processes, samples only what is missing: the byte-identical .npz;
   * <shard dir>/config.json records what the shards were sampled with; a directory holding shards of
     another configuration is an error, and no finished shard is ever deleted.
 Output: <sample-dir>/<run-name>.npz with arr_0 = uint8 (N, H, W, 3) and arr_1 = int64 labels; its path
@@ -17,8 +19,8 @@ is the last line printed.
 """
 import argparse
 import json
-import math
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -30,6 +32,9 @@ from storage.atomic_file import atomic_write
 from storage.checkpoint import add_checkpoint_arguments
 from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
 from sampling.seeded import class_labels, generate, load_for_sampling, parse_guide_channels, to_uint8
+from sampling.work_split import missing_intervals, rank_shards
+
+SHARD_NAME = re.compile(r"^shard_(\d{6,})_(\d{6,})\.npz$")  # shard_<start>_<stop>.npz
 
 
 #################################################################################
@@ -67,7 +72,7 @@ def sampling_config(args, settings, cfg_scale):
         "num_sampling_steps": args.num_sampling_steps, "cfg_scale": cfg_scale,
         "guide_channels": args.guide_channels if cfg_scale != 1.0 else "all",
         "global_seed": args.global_seed, "num_fid_samples": args.num_fid_samples,
-        "balanced_classes": args.balanced_classes, "shard_size": args.shard_size,
+        "balanced_classes": args.balanced_classes,
         "mixed_precision": args.mixed_precision,
     }
 
@@ -86,8 +91,16 @@ def check_shard_dir(shard_dir, config):
                          "use another --sample-dir or restore the original settings (no shard was deleted)")
 
 
-def shard_path(shard_dir, k):
-    return os.path.join(shard_dir, f"shard_{k:06d}.npz")
+def shard_path(shard_dir, start, stop):
+    """The shard of sample indices [start, stop)."""
+    return os.path.join(shard_dir, f"shard_{start:06d}_{stop:06d}.npz")
+
+
+def finished_shards(shard_dir):
+    """Sorted (start, stop) of the shards on disk (atomic writes: a file with a shard's name is whole)."""
+    if not os.path.isdir(shard_dir):
+        return []
+    return sorted((int(m.group(1)), int(m.group(2))) for m in map(SHARD_NAME.match, os.listdir(shard_dir)) if m)
 
 
 def write_npz(f, arrays, chunks=None):
@@ -155,23 +168,25 @@ def main(args):
     if distributed:
         dist.barrier()
 
-    # Shard k holds global sample indices [k * shard_size, min((k + 1) * shard_size, N)).
+    # Every rank lists the same finished shards (rank 0 writes nothing until the barrier below), so all
+    # compute the same split of the missing samples: floor or ceil(batches / world size) batches each.
     n = args.num_fid_samples
-    num_shards = math.ceil(n / args.shard_size)
-    bounds = [(k * args.shard_size, min((k + 1) * args.shard_size, n)) for k in range(num_shards)]
-    todo = [k for k in range(rank, num_shards, world_size) if not os.path.exists(shard_path(shard_dir, k))]
+    finished = finished_shards(shard_dir)
+    todo = rank_shards(n, finished, args.per_proc_batch_size, args.shard_size, world_size, rank)
     if args.max_shards is not None:
         todo = todo[: args.max_shards]
     if rank == 0:
-        done = num_shards - len([k for k in range(num_shards) if not os.path.exists(shard_path(shard_dir, k))])
-        print(f"{name}: {num_shards} shards of {args.shard_size}, {done} already finished, "
-              f"{world_size} process(es), {args.per_proc_batch_size} samples per batch")
-    bar = tqdm(total=sum(bounds[k][1] - bounds[k][0] for k in todo), disable=rank != 0, desc="samples")
-    for k in todo:
-        start, stop = bounds[k]
+        print(describe_distributed(world_size, device))
+        print(f"{name}: {sum(b - a for a, b in finished)}/{n} samples already finished, {world_size} process(es), "
+              f"{args.per_proc_batch_size} samples per batch, shards of up to {args.shard_size}")
+    if distributed:
+        dist.barrier()  # nobody writes a shard before every rank has listed the finished ones
+    bar = tqdm(total=sum(stop - start for shard in todo for start, stop in shard), disable=rank != 0,
+               desc="samples")
+    for batches in todo:
         images, labels = [], []
-        for first in range(start, stop, args.per_proc_batch_size):
-            indices = list(range(first, min(first + args.per_proc_batch_size, stop)))
+        for first, stop in batches:
+            indices = list(range(first, stop))
             y = class_labels(indices, model.num_classes, args.global_seed, args.balanced_classes)
             samples = generate(model, diffusion, args.sampler, indices, y, args.global_seed, cfg_scale,
                                args.guide_channels, args.mixed_precision, clip_denoised=vae is None)
@@ -179,7 +194,8 @@ def main(args):
             labels.append(y.numpy())
             bar.update(len(indices))
         shard = {"images": np.concatenate(images), "labels": np.concatenate(labels)}
-        atomic_write(shard_path(shard_dir, k), lambda f: write_npz(f, shard))
+        start, stop = batches[0][0], batches[-1][1]
+        atomic_write(shard_path(shard_dir, start, stop), lambda f: write_npz(f, shard))
         if args.save_png:
             save_pngs(shard_dir, start, shard["images"])
     bar.close()
@@ -187,12 +203,12 @@ def main(args):
         dist.barrier()
 
     if rank == 0:
-        missing = [k for k in range(num_shards) if not os.path.exists(shard_path(shard_dir, k))]
-        if missing:
-            print(f"stopped with {num_shards - len(missing)}/{num_shards} shards finished "
-                  f"(--max-shards); re-run the same command to continue")
+        finished = finished_shards(shard_dir)
+        done = sum(stop - start for start, stop in finished)
+        if missing_intervals(n, finished):
+            print(f"stopped with {done}/{n} samples finished (--max-shards); re-run the same command to continue")
         else:
-            out = write_samples(shard_dir, bounds, os.path.join(args.sample_dir, f"{name}.npz"))
+            out = write_samples(shard_dir, finished, os.path.join(args.sample_dir, f"{name}.npz"))
             print(out)
     if distributed:
         dist.barrier()
@@ -211,11 +227,15 @@ def save_pngs(shard_dir, start, images):
 
 def write_samples(shard_dir, bounds, out):
     """Join the shards, in index order and one at a time, into <out>: arr_0 uint8 NHWC RGB, arr_1 labels."""
-    first, _ = read_shard(shard_path(shard_dir, 0), *bounds[0])
+    for (_, stop), (start, _) in zip(bounds, bounds[1:]):
+        if stop != start:  # two runs wrote into one folder at once
+            raise ValueError(f"shards in {shard_dir} overlap or leave a gap at sample {min(stop, start)}; "
+                             "remove the overlapping ones and re-run")
+    first, _ = read_shard(shard_path(shard_dir, *bounds[0]), *bounds[0])
     n = bounds[-1][1]
     shape = (n,) + rgb(first[:1]).shape[1:]  # (N, H, W, 3)
-    labels = np.concatenate([read_shard(shard_path(shard_dir, k), *b)[1] for k, b in enumerate(bounds)])
-    pieces = (rgb(read_shard(shard_path(shard_dir, k), *b)[0]) for k, b in enumerate(bounds))
+    labels = np.concatenate([read_shard(shard_path(shard_dir, *b), *b)[1] for b in bounds])
+    pieces = (rgb(read_shard(shard_path(shard_dir, *b), *b)[0]) for b in bounds)
     atomic_write(out, lambda f: write_npz(f, {"arr_1": labels.astype(np.int64)},
                                           chunks={"arr_0": (np.uint8, shape, pieces)}))
     return out
@@ -236,7 +256,8 @@ def build_parser():
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--balanced-classes", action="store_true",
                         help="label i = i mod num_classes (N / num_classes per class) instead of uniform at random")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per saved shard (resume unit)")
+    parser.add_argument("--shard-size", type=int, default=1000,
+                        help="samples per saved shard (the resume unit), in whole batches: at least one batch")
     parser.add_argument("--max-shards", type=int, default=None,
                         help="stop after this many shards per process (time-limited jobs); re-run to continue")
     parser.add_argument("--mixed-precision", type=str, choices=["no", "bf16"], default="no")

@@ -1,6 +1,7 @@
 """sample_ddp.py / sampling/seeded.py: world-size invariance, exact resume, CFG, formats, bad input."""
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 
@@ -69,7 +70,8 @@ def test_npz_holds_exactly_n_rgb_uint8_images_and_labels(reference):
     assert labels.tolist() == class_labels(range(10), 10, 0, balanced=False).tolist()
 
 
-def test_two_ranks_give_the_identical_file_as_one_rank(ckpt, reference, tmp_path):
+def test_two_ranks_finishing_a_one_rank_start_give_the_identical_file(ckpt, reference, tmp_path):
+    assert run(ckpt, tmp_path, "--max-shards", "1") is None  # one process did batch [0, 3), then was stopped
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(REPO, "sample_ddp.py"), "--ckpt", ckpt, "--sample-dir", str(tmp_path),
@@ -80,16 +82,20 @@ def test_two_ranks_give_the_identical_file_as_one_rank(ckpt, reference, tmp_path
     assert os.path.basename(out) == os.path.basename(reference)
     with open(out, "rb") as a, open(reference, "rb") as b:
         assert a.read() == b.read()  # bitwise: same per-sample noise, same batch composition
+    shard_dir = out[: -len(".npz")] + ".shards"
+    assert sorted(f for f in os.listdir(shard_dir) if f.startswith("shard_")) == [
+        "shard_000000_000003.npz", "shard_000003_000006.npz", "shard_000006_000009.npz", "shard_000009_000010.npz"]
+    assert "3/10 samples already finished" in result.stdout
 
 
 def test_resume_after_stop_gives_the_identical_file(ckpt, reference, tmp_path):
     assert run(ckpt, tmp_path, "--max-shards", "1") is None  # "pre-empted" after one of three shards
     shard_dir = next(os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.endswith(".shards"))
     shards = sorted(f for f in os.listdir(shard_dir) if f.startswith("shard_"))
-    assert shards == ["shard_000000.npz"]
+    assert shards == ["shard_000000_000003.npz"]  # --shard-size 4 holds one whole batch of 3
     first = os.path.join(shard_dir, shards[0])
     stamp = os.stat(first).st_mtime_ns
-    open(os.path.join(shard_dir, "shard_000001.npz.tmp999"), "wb").write(b"partial")  # a killed write
+    open(os.path.join(shard_dir, ".shard_000003_000006.npz.x.tmp"), "wb").write(b"partial")  # a killed write
     out = run(ckpt, tmp_path)
     assert os.stat(first).st_mtime_ns == stamp  # the finished shard was kept, not recomputed
     with open(out, "rb") as a, open(reference, "rb") as b:
@@ -100,10 +106,11 @@ def test_shard_dir_of_another_configuration_is_an_error_and_keeps_its_shards(ckp
     run(ckpt, tmp_path, "--max-shards", "1")
     shard_dir = next(os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.endswith(".shards"))
     before = sorted(os.listdir(shard_dir))
-    with pytest.raises(ValueError, match="another configuration.*shard_size: 4 there vs 5 now"):
-        sample_ddp.main(sample_ddp.build_parser().parse_args(
-            ["--ckpt", ckpt, "--sample-dir", str(tmp_path), "--num-fid-samples", "10", "--shard-size", "5",
-             "--per-proc-batch-size", "3", "--num-sampling-steps", "4"]))
+    other = tmp_path / "other-run" / os.path.basename(ckpt)  # same file name, so the same run name
+    other.parent.mkdir()
+    shutil.copy(ckpt, other)
+    with pytest.raises(ValueError, match="another configuration.*ckpt: .* there vs .*other-run.* now"):
+        run(str(other), tmp_path)
     assert sorted(os.listdir(shard_dir)) == before
 
 
