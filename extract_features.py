@@ -3,8 +3,12 @@
 Latent models train on precomputed SD-VAE latents (SPEC Sec. 5; 256x256x3 -> 32x32x4, scale 0.18215).
 Each image is stored with the latent of its mirror image so that the paper's random horizontal flip
 survives precomputation; imagedata.LatentFeatureDataset picks one of the two per sample and epoch.
-Stored latents are the posterior MEAN times the scale (deterministic; fast-DiT stored one .sample(),
-whose noise is negligible for the SD VAE). Shards are float32 (n, 2, C, h, w); see imagedata/latents.py.
+By default (--latent-stat posterior) the VAE posterior's mean AND standard deviation are stored, times
+the scale, so that training draws a fresh latent mean + std * eps every step from that step's seeded
+generator, as official DiT and the DTR release draw latent_dist.sample() every step. Disk: two float32
+(C, h, w) arrays per image and flip, 2 * 2 * 4 * 32 * 32 * 4 B = 64 KiB per 256px image (78 GiB for
+ImageNet's 1.28M). --latent-stat mean stores the means only (32 KiB per image; deterministic latents,
+a deviation from the release). Shards are float32 (n, 2, C, h, w); see imagedata/latents.py.
 
 Single process:  python extract_features.py --data-path /data/imagenet/train --features-path features
 MS-COCO:         python extract_features.py --kind coco --data-path coco/train2014 --features-path features/coco256
@@ -58,10 +62,12 @@ class FlaggedImages(Dataset):
 
 @torch.no_grad()
 def encode_with_flip(vae, x, scale):
-    """x (B, 3, H, W) in [-1, 1] -> scaled posterior means (B, 2, C, h, w): [:, 0] image, [:, 1] its hflip."""
+    """x (B, 3, H, W) in [-1, 1] -> scaled posterior (means, stds), each (B, 2, C, h, w): [:, 0] image, [:, 1] hflip."""
     both = torch.cat([x, x.flip(-1)])  # (2B, 3, H, W)
-    z = vae.encode(both).latent_dist.mean * scale  # (2B, C, h, w)
-    return torch.stack(z.chunk(2), dim=1)  # (B, 2, C, h, w)
+    posterior = vae.encode(both).latent_dist
+    # q(z|x) = N(mean, std^2); scaling z by `scale` scales both moments
+    mean, std = posterior.mean * scale, posterior.std * scale  # (2B, C, h, w) each
+    return torch.stack(mean.chunk(2), dim=1), torch.stack(std.chunk(2), dim=1)  # (B, 2, C, h, w) each
 
 
 def shard_range(k, shard_size, n):
@@ -75,7 +81,7 @@ def shard_range(k, shard_size, n):
 
 def main(args):
     """Encode every image of --data-path and its flip; write this rank's shards, then rank 0 the manifest."""
-    torch.manual_seed(args.global_seed)  # latents are posterior means, so outputs do not depend on it
+    torch.manual_seed(args.global_seed)  # outputs are posterior moments, so they do not depend on it
     rank, world_size, device = setup_distributed(args.device, args.dist_timeout)
     if rank == 0:
         print(describe_distributed(world_size, device))
@@ -90,12 +96,14 @@ def main(args):
     n = len(images)
     num_shards = math.ceil(n / args.shard_size)
     vae_path = resolve_vae(args.vae)
+    with_stds = args.latent_stat == "posterior"
     run_config = {"vae": vae_path, "image_size": args.image_size, "shard_size": args.shard_size, "num_images": n,
-                  "data_path": os.path.abspath(args.data_path)}
+                  "data_path": os.path.abspath(args.data_path), "latent_stat": args.latent_stat}
 
     # Resume: skip finished shards, but only if they came from the same run configuration.
     mine, done = [], 0
     for k in range(rank, num_shards, world_size):
+        # the record comes last (after the stds too), and names the run's latent_stat in its config
         if shard_is_finished(args.features_path, k):
             if read_shard_record(args.features_path, k).get("config") != run_config:
                 raise SystemExit(f"shard {k} in {args.features_path} was written with a different configuration; "
@@ -115,17 +123,22 @@ def main(args):
     loader = DataLoader(Subset(FlaggedImages(images), indices), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
 
-    pending = {}  # shard -> lists of latents / labels / skipped paths; shards complete in order
+    pending = {}  # shard -> lists of latents / stds / labels / skipped paths; shards complete in order
     bad_paths = []
     for x, y, idx, ok in tqdm(loader, disable=rank != 0, desc="encoding"):
-        z = encode_with_flip(vae, x[ok].to(device), LATENT_SCALE).float().cpu() if ok.any() else None
-        good = iter(z) if z is not None else iter(())
+        if ok.any():
+            means, stds = (z.float().cpu() for z in encode_with_flip(vae, x[ok].to(device), LATENT_SCALE))
+            good = zip(means, stds)
+        else:
+            good = iter(())
         for i, label, readable in zip(idx.tolist(), y.tolist(), ok.tolist()):
             k = i // args.shard_size
-            shard = pending.setdefault(k, {"latents": [], "labels": [], "skipped": [], "seen": 0})
+            shard = pending.setdefault(k, {"latents": [], "stds": [], "labels": [], "skipped": [], "seen": 0})
             shard["seen"] += 1
             if readable:
-                shard["latents"].append(next(good))
+                mean, std = next(good)
+                shard["latents"].append(mean)
+                shard["stds"].append(std)
                 shard["labels"].append(label)
             else:
                 shard["skipped"].append(images.paths[i])
@@ -135,11 +148,11 @@ def main(args):
                 # A shard with unreadable images is written only when they may be skipped, so a failed
                 # run can be resumed with --skip-bad-images (or after fixing the files).
                 if not shard["skipped"] or args.skip_bad_images:
-                    latents = (torch.stack(shard["latents"]) if shard["latents"]
-                               else torch.zeros(0, 2, *latent_shape)).numpy()  # (n, 2, C, h, w)
+                    latents, stds = ((torch.stack(shard[key]) if shard[key] else torch.zeros(0, 2, *latent_shape)).numpy()
+                                     for key in ("latents", "stds"))  # (n, 2, C, h, w) each
                     write_shard(args.features_path, k, latents, shard["labels"],
                                 {"start": start, "stop": stop, "skipped": shard["skipped"], "rank": rank,
-                                 "config": run_config})
+                                 "config": run_config}, stds=stds if with_stds else None)
                 del pending[k]
 
     if world_size > 1:
@@ -159,7 +172,7 @@ def main(args):
         dist.barrier()  # every rank's shards are on disk before rank 0 gathers them
     if rank == 0:
         manifest = write_manifest(args.features_path, num_shards, vae=vae_path, latent_scale=LATENT_SCALE,
-                                  latent_stat="mean", latent_shape=latent_shape, image_size=args.image_size,
+                                  latent_stat=args.latent_stat, latent_shape=latent_shape, image_size=args.image_size,
                                   num_classes=images.num_classes, class_names=images.class_names,
                                   shard_size=args.shard_size, num_images=n, data_path=os.path.abspath(args.data_path),
                                   flip_layout="[:, 0] image, [:, 1] horizontal flip", label_kind=images.label_kind)
@@ -181,6 +194,9 @@ if __name__ == "__main__":
                         help="COCO captions_*.json (kind coco; default <data-path>/../annotations/captions_<split>.json)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--vae", type=str, default="stabilityai/sd-vae-ft-ema", help="ema | mse | Hub name | local AutoencoderKL path")
+    parser.add_argument("--latent-stat", type=str, choices=["posterior", "mean"], default="posterior",
+                        help="posterior (default, as official DiT): store mean and std, training samples a latent "
+                             "every step (64 KiB per 256px image); mean: the posterior mean only (32 KiB)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--shard-size", type=int, default=10000)

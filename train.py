@@ -52,6 +52,7 @@ from torch.utils.data.distributed import DistributedSampler
 from storage.atomic_file import atomic_write
 from diffusion import WEIGHTINGS, create_diffusion
 from imagedata import build_dataset
+from imagedata.latents import sample_posterior
 from models import ROUTING_KINDS, check_overrides, create_model, model_names
 from models import model_config as model_config_of
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
@@ -398,6 +399,7 @@ def train(args, rank, world_size, device, preemption=None):
         model.train()  # important! This enables embedding dropout for classifier-free guidance
         ema.eval()
         dropout_prob = model.config["class_dropout_prob"]
+        posterior_latents = getattr(dataset, "latent_stat", None) == "posterior"  # else x is the training input
 
         def save(step):
             """Write a checkpoint of the current state (all ranks call it: RNG states are gathered)."""
@@ -440,15 +442,19 @@ def train(args, rank, world_size, device, preemption=None):
         while train_steps < max_steps and not stopped:
             loader = build_loader(dataset, sampler, epoch, position, local_batch_size, args.num_workers, device)
             for x, y in loader:
-                x = x.to(device, non_blocking=True)  # (B, C, H, W): images in [-1, 1] or scaled latents
+                # (B, C, H, W): images in [-1, 1] or scaled latents; (B, 2, C, h, w): a VAE posterior's mean, std
+                x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)  # (B,)
                 # Draw t, noise and label drops for the whole global batch; keep this rank's samples
                 # (rank r holds global samples r, r + world_size, ... as the sampler deals them).
                 g = step_generator(args.global_seed, train_steps, device)
                 G = args.global_batch_size
                 t = timestep_sampler.sample_timesteps(G, device, generator=g)[rank::world_size]
-                noise = torch.randn((G, *x.shape[1:]), generator=g, device=device)[rank::world_size]
+                noise = torch.randn((G, *x.shape[-3:]), generator=g, device=device)[rank::world_size]
                 drop = torch.rand(G, generator=g, device=device)[rank::world_size] < dropout_prob
+                if posterior_latents:  # this step's latent, as official DiT's latent_dist.sample(); drawn last
+                    eps = torch.randn((G, *x.shape[-3:]), generator=g, device=device)[rank::world_size]
+                    x = sample_posterior(x, eps)  # (B, C, h, w)
                 model_kwargs = dict(y=y, force_drop_ids=drop.long() if dropout_prob > 0 else None)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     loss_dict = diffusion.training_losses(ddp_model, x, t, model_kwargs, noise=noise)

@@ -45,14 +45,15 @@ def make_images(root, per_class=6, classes=("cat", "dog")):
 
 def run_args(data, feat, vae, **overrides):
     args = dict(data_path=str(data), features_path=str(feat), kind="auto", image_size=16, vae=vae, batch_size=4,
-                num_workers=0, shard_size=5, skip_bad_images=False, global_seed=0, device="auto", dist_timeout=30)
+                num_workers=0, shard_size=5, skip_bad_images=False, global_seed=0, device="auto", dist_timeout=30,
+                latent_stat="posterior")
     args.update(overrides)
     return argparse.Namespace(**args)
 
 
-def load_all(feat):
+def load_all(feat, key="latents"):
     manifest = read_manifest(str(feat))
-    latents = np.concatenate([np.load(os.path.join(feat, s["latents"])) for s in manifest["shards"]])
+    latents = np.concatenate([np.load(os.path.join(feat, s[key])) for s in manifest["shards"]])
     labels = np.concatenate([np.load(os.path.join(feat, s["labels"])) for s in manifest["shards"]])
     return manifest, latents, labels
 
@@ -78,12 +79,25 @@ def test_latents_equal_direct_encoding_of_image_and_its_flip(tmp_path, tiny_vae)
     assert labels.tolist() == [0] * 6 + [1] * 6
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (12, 3, 16, 16)
     with torch.no_grad():
-        plain = vae.encode(x).latent_dist.mean * SCALE
-        flipped = vae.encode(x.flip(-1)).latent_dist.mean * SCALE
-    assert torch.allclose(torch.from_numpy(latents[:, 0]), plain, atol=1e-5)
-    assert torch.allclose(torch.from_numpy(latents[:, 1]), flipped, atol=1e-5)
-    assert not torch.allclose(plain, flipped, atol=1e-3)
+        plain, plain_flip = vae.encode(x).latent_dist, vae.encode(x.flip(-1)).latent_dist
+    assert torch.allclose(torch.from_numpy(latents[:, 0]), plain.mean * SCALE, atol=1e-5)
+    assert torch.allclose(torch.from_numpy(latents[:, 1]), plain_flip.mean * SCALE, atol=1e-5)
+    assert not torch.allclose(plain.mean, plain_flip.mean, atol=1e-3)
+    # the default keeps the posterior: std = exp(logvar / 2), scaled like the mean
+    assert manifest["latent_stat"] == "posterior" and manifest["version"] == 2
+    _, stds, _ = load_all(feat, "stds")
+    assert torch.allclose(torch.from_numpy(stds[:, 0]), plain.std * SCALE, rtol=1e-4)
+    assert torch.allclose(torch.from_numpy(stds[:, 1]), plain_flip.std * SCALE, rtol=1e-4)
     assert not [f for f in os.listdir(feat) if ".tmp-" in f]  # atomic writes leave no temp files
+
+    means_only = tmp_path / "means"
+    extract_features.main(run_args(tmp_path / "imgs", means_only, vae_path, latent_stat="mean"))
+    manifest, mean_latents, _ = load_all(means_only)
+    assert manifest["latent_stat"] == "mean" and "stds" not in manifest["shards"][0]
+    assert not [f for f in os.listdir(means_only) if f.endswith(".stds.npy")]
+    np.testing.assert_array_equal(mean_latents, latents)
+    with pytest.raises(SystemExit, match="different configuration"):  # a means-only folder is not resumed as posterior
+        extract_features.main(run_args(tmp_path / "imgs", means_only, vae_path, latent_stat="posterior", shard_size=5))
 
 
 def test_bad_image_fails_naming_it_and_count_then_skip_resumes_only_unfinished_shards(tmp_path, tiny_vae, monkeypatch):
@@ -136,6 +150,7 @@ def test_two_process_torchrun_matches_one_process_and_latent_dataset_reads_both_
     assert result.returncode == 0, result.stdout + result.stderr
     m1, lat1, lab1 = load_all(single)
     m2, lat2, lab2 = load_all(multi)
+    std2 = load_all(multi, "stds")[1]
     assert m2["count"] == m1["count"] == 12 and len(m2["shards"]) == 4
     assert np.allclose(lat1, lat2, atol=1e-5) and np.array_equal(lab1, lab2)
     ranks = [json.load(open(multi / f"shard-{k:05d}.json"))["rank"] for k in range(4)]
@@ -149,5 +164,6 @@ def test_two_process_torchrun_matches_one_process_and_latent_dataset_reads_both_
         x, y = ds[i]
         f = int(ds.is_flipped(i))
         seen.add(f)
-        assert torch.equal(x, torch.from_numpy(lat2[i, f])) and int(y) == lab2[i]
+        assert x.shape == (2, 4, 8, 8) and int(y) == lab2[i]  # the posterior's moments: mean, std
+        assert torch.equal(x[0], torch.from_numpy(lat2[i, f])) and torch.equal(x[1], torch.from_numpy(std2[i, f]))
     assert seen == {0, 1}

@@ -10,7 +10,7 @@ from PIL import Image
 
 from imagedata import (BadImageError, build_dataset, center_crop_arr, detect_kind, flip_decision, read_idx,
                        read_manifest)
-from imagedata.latents import write_manifest, write_shard
+from imagedata.latents import LatentFeatureDataset, sample_posterior, write_manifest, write_shard
 
 FASHION_MNIST_SYSTEM = "/usr/share/datasets/fashion-mnist"
 
@@ -201,18 +201,24 @@ def test_missing_path_empty_folder_and_unknown_kind_give_clear_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- latents
 
-def make_latent_dir(path, rng, counts=(3, 2)):
+def make_latent_dir(path, rng, counts=(3, 2), latent_stat="mean"):
+    """A features folder as extract_features.py writes it; returns (means, labels), plus stds for "posterior"."""
     path.mkdir(exist_ok=True)
-    all_latents, all_labels, start = [], [], 0
+    all_latents, all_stds, all_labels, start = [], [], [], 0
     for k, n in enumerate(counts):
         latents = rng.standard_normal((n, 2, 4, 2, 2)).astype(np.float32)
+        stds = rng.uniform(0.01, 0.2, (n, 2, 4, 2, 2)).astype(np.float32)
         labels = rng.integers(0, 5, n)
-        write_shard(str(path), k, latents, labels, {"start": start, "stop": start + n, "skipped": []})
+        write_shard(str(path), k, latents, labels, {"start": start, "stop": start + n, "skipped": []},
+                    stds=stds if latent_stat == "posterior" else None)
         all_latents.append(latents)
+        all_stds.append(stds)
         all_labels.append(labels)
         start += n
-    write_manifest(str(path), len(counts), vae="tiny", latent_scale=0.18215, latent_shape=[4, 2, 2], image_size=16,
-                   num_classes=5, shard_size=3)
+    write_manifest(str(path), len(counts), latent_stat=latent_stat, vae="tiny", latent_scale=0.18215,
+                   latent_shape=[4, 2, 2], image_size=16, num_classes=5, shard_size=3)
+    if latent_stat == "posterior":
+        return np.concatenate(all_latents), np.concatenate(all_labels), np.concatenate(all_stds)
     return np.concatenate(all_latents), np.concatenate(all_labels)
 
 
@@ -233,6 +239,41 @@ def test_latent_dataset_returns_the_seeded_choice_of_plain_or_flipped_latent(tmp
     loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=1)
     x, y = next(iter(loader))
     assert x.shape == (5, 4, 2, 2) and torch.equal(y, torch.from_numpy(labels))
+
+
+def test_posterior_folder_yields_mean_and_std_and_sample_posterior_draws_from_them(tmp_path):
+    latents, labels, stds = make_latent_dir(tmp_path / "feat", np.random.default_rng(6), latent_stat="posterior")
+    ds = build_dataset(feature_path=str(tmp_path / "feat"), seed=3)
+    assert ds.latent_stat == "posterior" and ds.channels == 4
+    for i in range(5):
+        x, y = ds[i]
+        f = int(ds.is_flipped(i))
+        assert x.shape == (2, 4, 2, 2) and int(y) == labels[i]
+        assert torch.equal(x[0], torch.from_numpy(latents[i, f])) and torch.equal(x[1], torch.from_numpy(stds[i, f]))
+    moments = torch.stack([ds[i][0] for i in range(5)])  # (5, 2, 4, 2, 2)
+    eps = torch.randn(5, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    z = sample_posterior(moments, eps)
+    torch.testing.assert_close(z, moments[:, 0] + moments[:, 1] * eps, rtol=0, atol=0)
+    means = LatentFeatureDataset(str(tmp_path / "feat"), seed=3, latent_stat="mean")  # means of the same folder
+    assert all(torch.equal(means[i][0], ds[i][0][0]) for i in range(5))
+
+
+def test_version_1_means_only_folders_still_load(tmp_path):
+    feat = tmp_path / "feat"
+    latents, labels = make_latent_dir(feat, np.random.default_rng(7))
+    manifest = json.loads((feat / "manifest.json").read_text())
+    manifest["version"] = 1
+    manifest.pop("latent_stat")  # written before the posterior was stored
+    (feat / "manifest.json").write_text(json.dumps(manifest))
+    ds = build_dataset(feature_path=str(feat), seed=0)
+    assert ds.latent_stat == "mean" and ds[0][0].shape == (4, 2, 2)
+    assert torch.equal(ds[0][0], torch.from_numpy(latents[0, int(ds.is_flipped(0))]))
+    with pytest.raises(ValueError, match="posterior means only.*--latent-stat posterior"):
+        LatentFeatureDataset(str(feat), latent_stat="posterior")
+    manifest["version"] = 3
+    (feat / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="v3, expected 'dtr-vae-latents' v1 or v2"):
+        read_manifest(str(feat))
 
 
 def test_latents_with_missing_or_corrupt_manifest_or_shard_fail_clearly(tmp_path):

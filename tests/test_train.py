@@ -260,6 +260,58 @@ def test_trains_on_latents_written_by_extract_features(tmp_path, images):
                                      "--feature-path", str(feat), "--image-size", "32"]))
 
 
+def latent_run(feat, results, *argv):
+    """train.main on a features folder with configs/tiny_latent.yaml; returns the experiment folder."""
+    return train.main(train.parse_args(["--config", os.path.join(ROOT, "configs/tiny_latent.yaml"),
+                                        "--feature-path", str(feat), "--results-dir", str(results),
+                                        "--image-size", "16", *map(str, argv)]))
+
+
+def test_posterior_latents_are_drawn_each_step_from_that_steps_generator(tmp_path, monkeypatch):
+    from test_imagedata import make_latent_dir
+    feat = tmp_path / "feat"
+    means, _, stds = make_latent_dir(feat, np.random.default_rng(0), counts=(4, 4), latent_stat="posterior")
+    seen, real_create = [], train.create_diffusion
+
+    def recording_diffusion(**kwargs):
+        diffusion = real_create(**kwargs)
+        real_losses = diffusion.training_losses
+        diffusion.training_losses = lambda model, x, t, *a, **kw: seen.append(x.clone()) or real_losses(model, x, t, *a, **kw)
+        return diffusion
+
+    drawn, real_sample = [], train.sample_posterior
+    monkeypatch.setattr(train, "create_diffusion", recording_diffusion)
+    monkeypatch.setattr(train, "sample_posterior", lambda m, e: drawn.append((m.clone(), e.clone())) or real_sample(m, e))
+    latent_run(feat, tmp_path / "r", "--max-steps", 3, "--global-seed", 5)
+    assert len(drawn) == len(seen) == 3
+    rows = {tuple(np.concatenate([means[i, f], stds[i, f]]).ravel()) for i in range(8) for f in (0, 1)}
+    for step, ((moments, eps), x) in enumerate(zip(drawn, seen)):
+        # the step's generator draws t, noise, label drops, then the posterior's eps, all for the global batch
+        g = train.step_generator(5, step, torch.device("cpu"))
+        torch.randint(0, 1000, (4,), generator=g), torch.randn(4, 4, 2, 2, generator=g), torch.rand(4, generator=g)
+        assert torch.equal(eps, torch.randn(4, 4, 2, 2, generator=g))
+        assert all(tuple(m.numpy().ravel()) in rows for m in moments)  # (mean, std) of a stored image or flip
+        assert torch.equal(x, moments[:, 0] + moments[:, 1] * eps)
+    assert not torch.equal(drawn[0][1], drawn[1][1])  # a fresh latent every step
+
+
+def test_posterior_latents_resume_bitwise_and_means_only_folders_still_train(tmp_path):
+    from test_imagedata import make_latent_dir
+    make_latent_dir(tmp_path / "post", np.random.default_rng(1), counts=(4, 4), latent_stat="posterior")
+    common = ["--ckpt-every", 100, "--ema-decay", "0.9"]
+    straight = latent_run(tmp_path / "post", tmp_path / "a", *common, "--max-steps", 5)
+    half = latent_run(tmp_path / "post", tmp_path / "b", *common, "--max-steps", 3)
+    resumed = latent_run(tmp_path / "post", tmp_path / "b", *common, "--max-steps", 5,
+                         "--resume", f"{half}/checkpoints/0000003.pt")
+    a, b = load(f"{straight}/checkpoints/0000005.pt"), load(f"{resumed}/checkpoints/0000005.pt")
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["ema"], b["ema"])
+    make_latent_dir(tmp_path / "means", np.random.default_rng(1), counts=(4, 4))  # same means, no stds
+    means_only = load(f"{latent_run(tmp_path / 'means', tmp_path / 'c', *common, '--max-steps', 5)}/checkpoints/0000005.pt")
+    assert all(torch.isfinite(v).all() for v in means_only["model"].values())
+    assert any(not torch.equal(means_only["model"][k], a["model"][k]) for k in a["model"])  # the std did enter
+
+
 def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, images):
     common = ["--data-path", images, "--global-batch-size", 8, "--max-steps", 3, "--ckpt-every", 100]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
