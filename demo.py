@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,15 +30,14 @@ from tqdm import tqdm
 
 from storage.atomic_file import atomic_write
 from imagedata.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_files
-from models.routing import build_masks
+from models.routing import NUM_TIMESTEPS, build_masks
+from storage.training_log import read_metrics
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
-NUM_TIMESTEPS = 1000
 GRID_SAMPLES_PER_CLASS = 8
 # viridis' two ends, the colours of the paper's Fig. 2: active channel yellow, inactive purple
 ACTIVE_RGB, INACTIVE_RGB = (253, 231, 37), (68, 1, 84)
-TRAIN_LOG_LINE = re.compile(r"step=(\d+)\).*?Loss: ([^,\s]+)")  # train.py's "(step=0000100) Train Loss: 0.1234,"
 
 
 #################################################################################
@@ -116,8 +114,26 @@ def run_stage(name, cmd, log_path, env):
     return time.time() - start
 
 
+def created_folders(results_dir, before):
+    """Folders of results_dir that were not among `before` (train.py's new experiment folder)."""
+    return sorted(set(os.listdir(results_dir)) - before) if os.path.isdir(results_dir) else []
+
+
+def latest_metrics(results_dir, before):
+    """The newest metrics.jsonl line of the run train.py is writing in results_dir, or None."""
+    created = created_folders(results_dir, before)
+    path = os.path.join(results_dir, created[0], "metrics.jsonl") if len(created) == 1 else None
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        metrics = read_metrics(path)
+    except ValueError:  # a line being appended right now: the next poll reads it whole
+        return None
+    return metrics[-1] if metrics else None
+
+
 def run_training(cmd, results_dir, max_steps, log_path, env):
-    """Run train.py, turning its periodic log lines into one progress bar; returns (experiment dir, seconds)."""
+    """Run train.py, its metrics.jsonl shown as one progress bar; returns (experiment dir, seconds)."""
     print(f"\n==> train: {' '.join(cmd)}", flush=True)
     before = set(os.listdir(results_dir)) if os.path.isdir(results_dir) else set()
     start, tail = time.time(), deque(maxlen=40)
@@ -128,15 +144,15 @@ def run_training(cmd, results_dir, max_steps, log_path, env):
             log.write(line)
             log.flush()
             tail.append(line.rstrip())
-            match = TRAIN_LOG_LINE.search(line)
-            if match:
-                bar.update(int(match.group(1)) - bar.n)
-                bar.set_postfix(loss=match.group(2))
+            latest = latest_metrics(results_dir, before)  # polled when train.py prints, i.e. at every log line
+            if latest is not None and latest["step"] > bar.n:
+                bar.update(latest["step"] - bar.n)
+                bar.set_postfix(loss=f"{latest['loss']:.4f}")
         process.wait()
     if process.returncode != 0:
         raise RuntimeError(f"stage 'train' failed (exit {process.returncode}); log: {log_path}\n" + "\n".join(tail))
     # train.py numbers a new experiment folder inside results_dir: the one that was not there before
-    created = sorted(set(os.listdir(results_dir)) - before)
+    created = created_folders(results_dir, before)
     if len(created) != 1:
         raise RuntimeError(f"expected train.py to create one experiment folder in {results_dir}, found {created}")
     return os.path.join(results_dir, created[0]), time.time() - start
@@ -153,8 +169,7 @@ def save_png(image, path):
 
 def draw_loss_curve(metrics_path, out_path, width=640, height=400):
     """Training loss against step (log y axis) from train.py's metrics.jsonl, drawn with PIL."""
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_metrics(metrics_path)
     points = [(r["step"], r["loss"]) for r in rows if math.isfinite(r["loss"]) and r["loss"] > 0]
     if not points:
         raise ValueError(f"{metrics_path} holds no finite positive losses to plot")

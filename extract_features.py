@@ -28,19 +28,12 @@ from tqdm import tqdm
 from imagedata import BadImageError, ImageFileDataset, build_dataset
 from imagedata.latents import read_shard_record, shard_is_finished, write_manifest, write_shard
 from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
-
-LATENT_SCALE = 0.18215  # SD VAE latent scale used by DiT / LDM
-VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}  # official DiT --vae
+from models.vae import LATENT_SCALE, encode_with_flip, vae_name
 
 
 #################################################################################
 #                                  Helpers                                      #
 #################################################################################
-
-def resolve_vae(name):
-    """Map the official DiT shorthand ema|mse to the Hub name; anything else is a Hub name or local path."""
-    return VAE_SHORTHANDS.get(name, name)
-
 
 class FlaggedImages(Dataset):
     """Unflipped images with a readable flag, so one bad file is reported instead of killing the loader."""
@@ -58,16 +51,6 @@ class FlaggedImages(Dataset):
         except BadImageError:
             size = self.images.image_size
             return torch.zeros(3, size, size), torch.tensor(-1), index, False
-
-
-@torch.no_grad()
-def encode_with_flip(vae, x, scale):
-    """x (B, 3, H, W) in [-1, 1] -> scaled posterior (means, stds), each (B, 2, C, h, w): [:, 0] image, [:, 1] hflip."""
-    both = torch.cat([x, x.flip(-1)])  # (2B, 3, H, W)
-    posterior = vae.encode(both).latent_dist
-    # q(z|x) = N(mean, std^2); scaling z by `scale` scales both moments
-    mean, std = posterior.mean * scale, posterior.std * scale  # (2B, C, h, w) each
-    return torch.stack(mean.chunk(2), dim=1), torch.stack(std.chunk(2), dim=1)  # (B, 2, C, h, w) each
 
 
 def shard_range(k, shard_size, n):
@@ -95,7 +78,7 @@ def main(args):
     os.makedirs(args.features_path, exist_ok=True)
     n = len(images)
     num_shards = math.ceil(n / args.shard_size)
-    vae_path = resolve_vae(args.vae)
+    vae_path = vae_name(args.vae)
     with_stds = args.latent_stat == "posterior"
     run_config = {"vae": vae_path, "image_size": args.image_size, "shard_size": args.shard_size, "num_images": n,
                   "data_path": os.path.abspath(args.data_path), "latent_stat": args.latent_stat}

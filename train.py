@@ -31,13 +31,9 @@ A resume may change --lr (applied and logged); other trajectory settings are ref
 import argparse
 import copy
 import json
-import logging
 import math
 import os
-import random
-import resource
 import sys
-import time
 from collections import OrderedDict
 from glob import glob
 
@@ -49,19 +45,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from storage.atomic_file import atomic_write
 from diffusion import WEIGHTINGS, create_diffusion
 from imagedata import build_dataset
 from imagedata.latents import sample_posterior
-from models import ROUTING_KINDS, check_overrides, create_model, model_names
-from models import model_config as model_config_of
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
 from launch.process_group import add_launch_arguments, cleanup_distributed, describe_distributed, setup_distributed
-from storage.run_folder import prune_checkpoints, resolve_run
+from models import ROUTING_KINDS, check_overrides, create_model, model_names
+from models import model_config as model_config_of
+from models.vae import LATENT_SCALE, NO_VAE
+from storage.checkpoint import (TrainingState, check_resume_compatible, read_training_checkpoint,
+                                restore_training_state, save_checkpoint, training_checkpoint)
 from storage.resume_policy import apply_learning_rate, check_fixed_settings, dataset_identity
+from storage.rng_state import gather_rng_states, restore_rng_state
+from storage.run_folder import prune_checkpoints, resolve_run
 from storage.run_record import write_run_record
+from storage.training_log import LossLog, close_logger, create_logger, truncate_metrics
 
-LATENT_SCALE = 0.18215  # SD VAE latent scale, as official DiT
 # Constructor arguments train.py sets itself (from the data or a flag); --model-arg may not set them.
 MODEL_ARGS_SET_BY_TRAIN = {"input_size": "--image-size and the data", "in_channels": "the data",
                            "num_classes": "--num-classes", "learn_sigma": "train.py (learned variances, as the paper)",
@@ -91,57 +90,22 @@ def requires_grad(model, flag=True):
         p.requires_grad = flag
 
 
-def create_logger(logging_dir, rank):
-    """Rank 0 logs to the console and <logging_dir>/log.txt; other ranks log nothing."""
-    logger = logging.getLogger(f"train.{os.path.abspath(logging_dir) if logging_dir else rank}")
-    logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-    if rank == 0:
-        fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(f"{logging_dir}/log.txt")):
-            handler.setFormatter(fmt)
-            logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    else:
-        logger.addHandler(logging.NullHandler())
-    return logger
-
-
-def close_logger(logger):
-    """Detach and close handlers so repeated in-process runs do not leak file handles."""
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-
-
 def step_generator(global_seed, step, device):
     """Generator for one training step, seeded by (global_seed, step) only: no state to checkpoint."""
     seed = int(np.random.SeedSequence([global_seed, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def all_reduce_mean(value, world_size):
-    """Average a tensor over ranks (identity for a single process)."""
+def check_finite(first_bad_step, checkpoint_dir, world_size):
+    """Stop every rank with the step number if any rank saw a non-finite loss (no checkpoint of it)."""
+    no_bad = torch.full_like(first_bad_step, 2**62)
+    worst = torch.where(first_bad_step < 0, no_bad, first_bad_step)
     if world_size > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value = value / world_size
-    return value
-
-
-def peak_memory_gb(device):
-    """Peak accelerator memory allocated, or peak resident memory of this process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
-
-
-def unwrap(model):
-    """The bare nn.Module under DDP and torch.compile wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+        dist.all_reduce(worst, op=dist.ReduceOp.MIN)
+    if worst.item() != no_bad.item():
+        saved = sorted(glob(f"{checkpoint_dir}/*.pt"))
+        raise FloatingPointError(f"non-finite loss at step {worst.item()}; stopping. Last good checkpoint: "
+                                 f"{saved[-1] if saved else 'none'}")
 
 
 #################################################################################
@@ -173,12 +137,41 @@ def check_data_fits_model(args, dataset):
             raise ValueError(f"latents in {args.feature_path} were extracted from {dataset.image_size}px images "
                              f"but --image-size is {args.image_size}")
         return resolution, channels
-    if args.vae != "none":
+    if args.vae != NO_VAE:
         raise ValueError("encoding images with a VAE on the fly is not supported: precompute latents with "
                          "extract_features.py and pass --feature-path, or train in pixel space with --vae none")
     if resolution != args.image_size:
         raise ValueError(f"dataset yields {resolution}x{resolution} images but --image-size is {args.image_size}")
     return resolution, channels
+
+
+def diffusion_config_of(args):
+    """create_diffusion kwargs of this run (stored in checkpoints; the samplers respace them)."""
+    return dict(timestep_respacing="", noise_schedule=args.noise_schedule, learn_sigma=True, diffusion_steps=1000,
+                loss_weighting=args.loss_weighting, min_snr_gamma=args.snr_gamma, p2_k=args.p2_k,
+                p2_gamma=args.p2_gamma, ant_num_clusters=args.ant_num_clusters, ant_lr=args.ant_lr)
+
+
+def build_training_state(args, dataset, device):
+    """(TrainingState at step 0, diffusion): model, its EMA, AdamW, loss weighting; the same on every rank."""
+    input_size, in_channels = check_data_fits_model(args, dataset)
+    torch.manual_seed(args.global_seed)  # same init on every rank and any world size
+    model = build_model(args, input_size, in_channels, args.num_classes).to(device)  # the model checks its shape
+    ema = copy.deepcopy(model).to(device)  # EMA starts as a copy of the model (official DiT)
+    requires_grad(ema, False)
+    diffusion_config = diffusion_config_of(args)
+    diffusion = create_diffusion(**diffusion_config)
+    weighting = diffusion.loss_weighting.to(device)  # ANT-UW's s_k train in their own optimizer group
+    # fused AdamW: one kernel per tensor instead of ~10 (on CPU ~20x faster than the default loop)
+    opt = torch.optim.AdamW([{"params": list(model.parameters())}, *weighting.param_groups()],
+                            lr=args.lr, weight_decay=0, fused=device.type in ("cpu", "cuda"))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    latent = args.feature_path is not None
+    settings = {"model_config": model_config_of(args.model, model), "diffusion_config": diffusion_config,
+                "vae": getattr(dataset, "vae", args.vae) if latent else NO_VAE, "image_size": args.image_size,
+                "latent_scale": getattr(dataset, "latent_scale", LATENT_SCALE) if latent else 1.0,
+                "dataset": dataset_identity(dataset)}
+    return TrainingState(model, ema, opt, weighting, scaler, settings), diffusion
 
 
 def build_loader(dataset, sampler, epoch, position, local_batch_size, num_workers, device):
@@ -192,80 +185,48 @@ def build_loader(dataset, sampler, epoch, position, local_batch_size, num_worker
 
 
 #################################################################################
-#                                  Checkpoints                                  #
+#                          Run Folder and Checkpoints                           #
 #################################################################################
 
-def capture_rng_state():
-    """All global RNG states of this process as plain tensors / lists (torch.load(weights_only=True) safe)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state):
-    """Inverse of capture_rng_state."""
-    torch.set_rng_state(state["torch"])
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
-    py_state = state["python"]
-    random.setstate((py_state["version"], tuple(py_state["state"]), py_state["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def gather_loss_sums(running_loss, world_size):
-    """(world_size,) tensor: every rank's running loss sum, so the next log line survives a resume."""
-    sums = [running_loss.detach().float().cpu().reshape(1)]
+def open_run(args, state, dataset, rank, world_size):
+    """(experiment dir, checkpoint resumed or None, temp files of killed saves removed): rank 0 picks the
+    folder (--resume auto: the newest checkpoint in it), every rank restores the state."""
+    located = [None, None, []]
+    if rank == 0:
+        located = list(resolve_run(args.results_dir, args.model.replace("/", "-"), args.exp_name, args.resume))
     if world_size > 1:
-        gathered = [torch.zeros_like(running_loss).reshape(1) for _ in range(world_size)]
-        dist.all_gather(gathered, running_loss.detach().reshape(1))
-        sums = [s.float().cpu() for s in gathered]
-    return torch.cat(sums)
+        dist.broadcast_object_list(located, src=0)
+    experiment_dir, resume_path, removed_temp_files = located
+    checkpoint = None
+    if resume_path is not None:
+        checkpoint = read_training_checkpoint(resume_path)
+        check_resume_compatible(checkpoint, resume_path, state.settings["model_config"],
+                                state.settings["diffusion_config"])
+        check_fixed_settings(checkpoint, args, dataset_identity(dataset), resume_path)
+        restore_training_state(state, checkpoint)
+        checkpoint["path"] = resume_path
+    if rank == 0:
+        os.makedirs(f"{experiment_dir}/checkpoints", exist_ok=True)
+        truncate_metrics(f"{experiment_dir}/metrics.jsonl", state.step)  # lines past the resume point are redone
+        write_run_record(experiment_dir, args, world_size, resumed_from=resume_path, step=state.step)
+    if world_size > 1:
+        dist.barrier()
+    return experiment_dir, checkpoint, removed_temp_files
 
 
-def gather_rng_states(world_size):
-    """RNG state of every rank, rank order (each rank restores its own on resume)."""
-    state = capture_rng_state()
-    if world_size == 1:
-        return [state]
-    states = [None] * world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def save_checkpoint(checkpoint, path):
-    """torch.save through a temp file and os.replace: a crash never leaves a broken checkpoint."""
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def check_resume_compatible(checkpoint, path, model_config, diffusion_config):
-    """Refuse to resume a checkpoint of another model, routing or diffusion setup; name what differs."""
-    for label, saved, current in (("model", checkpoint["model_config"], model_config),
-                                  ("diffusion", checkpoint["diffusion_config"], diffusion_config)):
-        keys = sorted(set(saved) | set(current))
-        diff = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
-                for k in keys if saved.get(k) != current.get(k) and k != "grad_checkpointing"]
-        if diff:
-            raise ValueError(f"cannot resume {path}: its {label} config differs from this run's "
-                             f"({'; '.join(diff)})")
-
-
-def truncate_metrics(metrics_path, step):
-    """Drop metrics logged after `step` (written before a crash, redone after resume); atomic rewrite."""
-    if not os.path.exists(metrics_path):
-        return
-    with open(metrics_path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write(metrics_path, lambda f: f.writelines(kept), mode="w")
+def save(state, args, loss_log, checkpoint_dir, rank, world_size, logger):
+    """Write <checkpoint_dir>/<step>.pt and prune (--keep-last); every rank calls it (RNG states are gathered)."""
+    rng_states = gather_rng_states(world_size)
+    loss_state = loss_log.state()
+    if rank == 0:
+        path = f"{checkpoint_dir}/{state.step:07d}.pt"
+        save_checkpoint(training_checkpoint(state, args, rng_states, loss_state), path)
+        logger.info(f"Saved checkpoint to {path}")
+        if args.keep_last is not None:
+            for removed in prune_checkpoints(checkpoint_dir, args.keep_last, args.keep_every):
+                logger.info(f"Removed {removed} (--keep-last {args.keep_last})")
+    if world_size > 1:
+        dist.barrier()
 
 
 #################################################################################
@@ -273,7 +234,7 @@ def truncate_metrics(metrics_path, step):
 #################################################################################
 
 def main(args):
-    """Train a (DTR-routed) DiT; returns the experiment folder."""
+    """Train a (DTR-routed) DiT or ADM; returns the experiment folder."""
     validate_args(args)
     check_data_paths(args)
     rank, world_size, device = setup_distributed(args.device, args.dist_timeout)
@@ -285,111 +246,56 @@ def main(args):
 
 
 def train(args, rank, world_size, device, preemption=None):
-    """The training loop proper (main sets up and tears down the process group and the signal handlers)."""
+    """Set up (data, model, run folder, resume), then official DiT's loop: step, log, checkpoint."""
     preemption = preemption or PreemptionFlag(world_size)  # without handlers installed it never fires
     if args.global_batch_size % world_size != 0:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
                          f"{world_size}")
-    local_batch_size = args.global_batch_size // world_size
     if device.type == "cuda":
         # TF32 as official DiT: faster matmuls on Ampere+, negligible effect on results
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # Data (first, so a bad path fails before anything is written):
+    # Data first, so a bad path fails before anything is written; then model, EMA, diffusion, optimizer:
     dataset = build_dataset(data_path=args.data_path, feature_path=args.feature_path, image_size=args.image_size,
                             flip=True, seed=args.global_seed)
-    input_size, in_channels = check_data_fits_model(args, dataset)
-    vae_name = getattr(dataset, "vae", args.vae) if args.feature_path is not None else "none"
-    latent_scale = getattr(dataset, "latent_scale", LATENT_SCALE) if args.feature_path is not None else 1.0
+    state, diffusion = build_training_state(args, dataset, device)
+    model, ema = state.model, state.ema
+    experiment_dir, checkpoint, removed_temp_files = open_run(args, state, dataset, rank, world_size)
+    saved_lr = apply_learning_rate(state.opt, args.lr)  # a resumed optimizer state would restore the old lr
+    checkpoint_dir = f"{experiment_dir}/checkpoints"
+    logger = create_logger(experiment_dir, rank)
+    loss_log = LossLog(f"{experiment_dir}/metrics.jsonl", logger, args.global_batch_size, rank, world_size, device)
     steps_per_epoch = len(dataset) // args.global_batch_size
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
-
-    # Model, EMA, diffusion, optimizer. Same init on every rank and any world size:
-    torch.manual_seed(args.global_seed)
-    model = build_model(args, input_size, in_channels, args.num_classes).to(device)  # the model checks its shape
-    model_config = model_config_of(args.model, model)
-    ema = copy.deepcopy(model).to(device)  # EMA starts as a copy of the model (official DiT)
-    requires_grad(ema, False)
-    diffusion_config = dict(timestep_respacing="", noise_schedule=args.noise_schedule, learn_sigma=True,
-                            diffusion_steps=1000, loss_weighting=args.loss_weighting,
-                            min_snr_gamma=args.snr_gamma, p2_k=args.p2_k, p2_gamma=args.p2_gamma,
-                            ant_num_clusters=args.ant_num_clusters, ant_lr=args.ant_lr)
-    diffusion = create_diffusion(**diffusion_config)
-    weighting = diffusion.loss_weighting.to(device)
-    timestep_sampler = diffusion.timestep_sampler  # uniform; stratified over timestep clusters for ANT-UW
-    # fused AdamW: one kernel per tensor instead of ~10 (on CPU ~20x faster than the default loop)
-    opt = torch.optim.AdamW([{"params": list(model.parameters())}, *weighting.param_groups()],
-                            lr=args.lr, weight_decay=0, fused=device.type in ("cpu", "cuda"))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-
-    # Experiment folder and resume state (rank 0 decides; --resume auto finds the newest checkpoint):
-    located = [None, None, []]
-    if rank == 0:
-        located = list(resolve_run(args.results_dir, args.model.replace("/", "-"), args.exp_name,
-                                   args.resume))
-    if world_size > 1:
-        dist.broadcast_object_list(located, src=0)
-    experiment_dir, resume_path, removed_temp_files = located
-    train_steps, epoch, position = 0, 0, 0
-    checkpoint = None
-    if resume_path is not None:
-        if not os.path.isfile(resume_path):
-            raise FileNotFoundError(f"--resume checkpoint not found: {resume_path}")
-        checkpoint = torch.load(resume_path, map_location="cpu", weights_only=True)
-        check_resume_compatible(checkpoint, resume_path, model_config, diffusion_config)
-        check_fixed_settings(checkpoint, args, dataset_identity(dataset), resume_path)
-        model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
-        opt.load_state_dict(checkpoint["opt"])
-        saved_lr = apply_learning_rate(opt, args.lr)  # the optimizer state would restore the old lr
-        weighting.load_state_dict(checkpoint["loss_weighting"])
-        if "scaler" in checkpoint:
-            scaler.load_state_dict(checkpoint["scaler"])
-        train_steps = checkpoint["step"]
-        epoch, position = checkpoint["data_state"]["epoch"], checkpoint["data_state"]["position"]
-    checkpoint_dir = f"{experiment_dir}/checkpoints"
-    metrics_path = f"{experiment_dir}/metrics.jsonl"
-    if rank == 0:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        truncate_metrics(metrics_path, train_steps)  # lines past the resume point are redone
-        write_run_record(experiment_dir, args, world_size, resumed_from=resume_path, step=train_steps)
-    if world_size > 1:
-        dist.barrier()
-    logger = create_logger(experiment_dir, rank)
-
+    local_batch_size = args.global_batch_size // world_size
     try:
         for path in removed_temp_files:
             logger.info(f"Removed {path}, left by a save that was killed mid-write")
         if checkpoint is not None:
-            logger.info(f"Resumed from {resume_path} at step {train_steps} (epoch {epoch}, batch {position})")
+            logger.info(f"Resumed from {checkpoint['path']} at step {state.step} (epoch {state.epoch}, "
+                        f"batch {state.position})")
             if saved_lr != args.lr:
                 logger.info(f"Learning rate changed on resume: {saved_lr:g} -> {args.lr:g} (--lr)")
         elif args.resume == "auto":
             logger.info(f"--resume auto: no checkpoint in {checkpoint_dir} yet, starting from step 0")
         logger.info(f"Experiment directory: {experiment_dir}")
         logger.info(describe_distributed(world_size, device))
-        logger.info(f"{model_config['model']} parameters: {sum(p.numel() for p in model.parameters()):,}; "
+        logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}; "
                     f"routing {model.routing_config()}")
         logger.info(f"Dataset contains {len(dataset):,} samples ({args.data_path or args.feature_path}); "
-                    f"model input {in_channels}x{input_size}x{input_size}")
+                    f"model input {model.in_channels}x{model.input_size}x{model.input_size}")
 
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
-        running_loss = torch.zeros((), device=device)  # sum of this rank's losses since the last log line
-        log_steps = 0
         if args.compile:
             ddp_model = torch.compile(ddp_model)
         # Per-rank seed for anything left on the global RNG (e.g. loader worker seeds), as official DiT
         torch.manual_seed(args.global_seed * world_size + rank)
         if checkpoint is not None:
-            rng = checkpoint["rng"]
-            if len(rng) == world_size:
-                restore_rng_state(rng[rank])
+            if len(checkpoint["rng"]) == world_size:
+                restore_rng_state(checkpoint["rng"][rank])
             if "loss_log" in checkpoint:  # the log line after a resume averages the same steps as a straight run
-                sums = checkpoint["loss_log"]["sums"]
-                running_loss.fill_(sums[rank] if len(sums) == world_size else sums.mean())
-                log_steps = checkpoint["loss_log"]["steps"]
+                loss_log.restore(checkpoint["loss_log"])
         del checkpoint
 
         # The sampler splits each global batch over ranks (rank r takes every world_size-th sample), so a
@@ -398,116 +304,43 @@ def train(args, rank, world_size, device, preemption=None):
                                      seed=args.global_seed, drop_last=True)
         model.train()  # important! This enables embedding dropout for classifier-free guidance
         ema.eval()
-        dropout_prob = model.config["class_dropout_prob"]
-        posterior_latents = getattr(dataset, "latent_stat", None) == "posterior"  # else x is the training input
-
-        def save(step):
-            """Write a checkpoint of the current state (all ranks call it: RNG states are gathered)."""
-            rng_states = gather_rng_states(world_size)
-            loss_sums = gather_loss_sums(running_loss, world_size)
-            if rank == 0:
-                ckpt = {
-                    "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "args": vars(args), "model_config": model_config, "diffusion_config": diffusion_config,
-                    "vae": vae_name, "image_size": args.image_size, "latent_scale": latent_scale,
-                    "loss_weighting": weighting.state_dict(), "rng": rng_states,
-                    "loss_log": {"sums": loss_sums, "steps": log_steps}, "dataset": dataset_identity(dataset),
-                    "data_state": {"epoch": epoch, "position": position, "sampler_seed": args.global_seed,
-                                   "global_batch_size": args.global_batch_size},
-                }
-                if scaler.is_enabled():
-                    ckpt["scaler"] = scaler.state_dict()
-                path = f"{checkpoint_dir}/{step:07d}.pt"
-                save_checkpoint(ckpt, path)
-                logger.info(f"Saved checkpoint to {path}")
-            if world_size > 1:
-                dist.barrier()
-
-        def check_finite(first_bad_step):
-            """Stop every rank with the step number if any rank saw a non-finite loss (no checkpoint of it)."""
-            no_bad = torch.full_like(first_bad_step, 2**62)
-            worst = torch.where(first_bad_step < 0, no_bad, first_bad_step)
-            if world_size > 1:
-                dist.all_reduce(worst, op=dist.ReduceOp.MIN)
-            if worst.item() != no_bad.item():
-                saved = sorted(glob(f"{checkpoint_dir}/*.pt"))
-                raise FloatingPointError(f"non-finite loss at step {worst.item()}; stopping. Last good checkpoint: "
-                                         f"{saved[-1] if saved else 'none'}")
-
+        autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+        posterior_latents = getattr(dataset, "latent_stat", None) == "posterior"  # x: a VAE posterior's mean, std
+        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of first NaN/inf
         logger.info(f"Training for {max_steps} steps ({steps_per_epoch} steps per epoch), global batch "
                     f"{args.global_batch_size} = {world_size} ranks x {local_batch_size}")
-        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of first NaN/inf
-        timed_steps, start_time = 0, time.time()  # steps/s counts this process's steps only
         stopped = False
-        while train_steps < max_steps and not stopped:
-            loader = build_loader(dataset, sampler, epoch, position, local_batch_size, args.num_workers, device)
+        while state.step < max_steps and not stopped:
+            loader = build_loader(dataset, sampler, state.epoch, state.position, local_batch_size,
+                                  args.num_workers, device)
             for x, y in loader:
                 # (B, C, H, W): images in [-1, 1] or scaled latents; (B, 2, C, h, w): a VAE posterior's mean, std
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)  # (B,)
-                # Draw t, noise and label drops for the whole global batch; keep this rank's samples
-                # (rank r holds global samples r, r + world_size, ... as the sampler deals them).
-                g = step_generator(args.global_seed, train_steps, device)
-                G = args.global_batch_size
-                t = timestep_sampler.sample_timesteps(G, device, generator=g)[rank::world_size]
-                noise = torch.randn((G, *x.shape[-3:]), generator=g, device=device)[rank::world_size]
-                drop = torch.rand(G, generator=g, device=device)[rank::world_size] < dropout_prob
-                if posterior_latents:  # this step's latent, as official DiT's latent_dist.sample(); drawn last
-                    eps = torch.randn((G, *x.shape[-3:]), generator=g, device=device)[rank::world_size]
-                    x = sample_posterior(x, eps)  # (B, C, h, w)
-                model_kwargs = dict(y=y, force_drop_ids=drop.long() if dropout_prob > 0 else None)
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss_dict = diffusion.training_losses(ddp_model, x, t, model_kwargs, noise=noise)
-                loss = loss_dict["loss"].float().mean()
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                weighting.all_reduce_gradients()
-                scaler.step(opt)
-                scaler.update()
-                update_ema(ema, model, args.ema_decay)
-
-                train_steps += 1
-                position += 1
-                log_steps += 1
-                timed_steps += 1
-                loss = loss.detach()
-                running_loss += loss
+                loss = train_step(state, ddp_model, diffusion, x, y, args, rank, world_size, autocast_dtype,
+                                  posterior_latents)
+                state.step += 1
+                state.position += 1
+                loss_log.add(loss)
                 first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss),
-                                             torch.full_like(first_bad_step, train_steps), first_bad_step)
-                at_log = train_steps % args.log_every == 0
-                at_ckpt = train_steps % args.ckpt_every == 0 or train_steps == max_steps
-                if at_log or at_ckpt:  # checked here only, to avoid a device sync every step
-                    check_finite(first_bad_step)
+                                             torch.full_like(first_bad_step, state.step), first_bad_step)
+                at_log = state.step % args.log_every == 0
+                at_ckpt = state.step % args.ckpt_every == 0 or state.step == max_steps
+                stopping = preemption.stop_requested()  # same answer on every rank, after the same step
+                if at_log or at_ckpt or stopping:  # checked here only, to avoid a device sync every step
+                    check_finite(first_bad_step, checkpoint_dir, world_size)
                 if at_log:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    steps_per_sec = timed_steps / (time.time() - start_time)
-                    avg_loss = all_reduce_mean(running_loss / log_steps, world_size).item()
-                    mem = peak_memory_gb(device)
-                    logger.info(f"(step={train_steps:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: "
-                                f"{steps_per_sec:.2f}, Images/Sec: {steps_per_sec * G:.1f}, Peak Mem: {mem:.2f} GB")
-                    if rank == 0:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps({"step": train_steps, "loss": avg_loss, "steps_per_sec": steps_per_sec,
-                                                "images_per_sec": steps_per_sec * G, "peak_mem_gb": mem}) + "\n")
-                    running_loss.zero_()
-                    log_steps, timed_steps, start_time = 0, 0, time.time()
-                if position == steps_per_epoch:
-                    epoch, position = epoch + 1, 0
-                if at_ckpt:
-                    save(train_steps)
-                    if rank == 0 and args.keep_last is not None:
-                        for path in prune_checkpoints(checkpoint_dir, args.keep_last, args.keep_every):
-                            logger.info(f"Removed {path} (--keep-last {args.keep_last})")
-                if preemption.stop_requested():  # same answer on every rank, after the same step
-                    if not at_ckpt:
-                        check_finite(first_bad_step)
-                        save(train_steps)
-                    logger.info(f"Stopped by {preemption.name} after step {train_steps} of {max_steps}; "
+                    loss_log.write(state.step)
+                if state.position == steps_per_epoch:
+                    state.epoch, state.position = state.epoch + 1, 0
+                if at_ckpt or stopping:
+                    save(state, args, loss_log, checkpoint_dir, rank, world_size, logger)
+                if stopping:
+                    logger.info(f"Stopped by {preemption.name} after step {state.step} of {max_steps}; "
                                 f"run the same command with --resume auto (or --resume {checkpoint_dir}/"
-                                f"{train_steps:07d}.pt) to continue")
+                                f"{state.step:07d}.pt) to continue")
                     stopped = True
-                if train_steps >= max_steps or stopped:
+                if state.step >= max_steps or stopped:
                     break
         model.eval()
         if not stopped:
@@ -515,6 +348,35 @@ def train(args, rank, world_size, device, preemption=None):
         return experiment_dir
     finally:
         close_logger(logger)
+
+
+def train_step(state, ddp_model, diffusion, x, y, args, rank, world_size, autocast_dtype, posterior_latents=False):
+    """One optimiser step on this rank's share of the global batch, then the EMA; returns the loss (0-dim).
+
+    x: (B, C, H, W) images in [-1, 1] or scaled latents; with posterior_latents (B, 2, C, h, w), a VAE
+    posterior's mean and std, from which this step draws its latent as official DiT's latent_dist.sample().
+    """
+    device, G = x.device, args.global_batch_size
+    # Draw t, noise and label drops for the whole global batch; keep this rank's samples
+    # (rank r holds global samples r, r + world_size, ... as the sampler deals them).
+    g = step_generator(args.global_seed, state.step, device)
+    t = diffusion.timestep_sampler.sample_timesteps(G, device, generator=g)[rank::world_size]
+    noise = torch.randn((G, *x.shape[-3:]), generator=g, device=device)[rank::world_size]
+    dropout_prob = state.model.config["class_dropout_prob"]
+    drop = torch.rand(G, generator=g, device=device)[rank::world_size] < dropout_prob
+    if posterior_latents:  # drawn last, so the other draws are those of a run on stored means
+        eps = torch.randn((G, *x.shape[-3:]), generator=g, device=device)[rank::world_size]
+        x = sample_posterior(x, eps)  # (B, C, h, w)
+    model_kwargs = dict(y=y, force_drop_ids=drop.long() if dropout_prob > 0 else None)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = diffusion.training_losses(ddp_model, x, t, model_kwargs, noise=noise)["loss"].float().mean()
+    state.opt.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.weighting.all_reduce_gradients()  # ANT-UW's s_k are outside DDP
+    state.scaler.step(state.opt)
+    state.scaler.update()
+    update_ema(state.ema, state.model, args.ema_decay)
+    return loss.detach()
 
 
 #################################################################################

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.dit import NUM_TIMESTEPS, timestep_embedding
-from models.routing import ROUTING_CONFIG_KEYS, make_block_router, validate_routing
+from models.dit import timestep_embedding
+from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, make_block_router, validate_routing
 
 NORM_GROUPS = 32  # guided-diffusion normalises with GroupNorm(32, C)
 

@@ -12,9 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.routing import ROUTING_CONFIG_KEYS, make_block_router, validate_routing
-
-NUM_TIMESTEPS = 1000  # routing tables are indexed by the original diffusion timestep 0..999
+from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, make_block_router, routed, validate_routing
 
 
 def modulate(x, shift, scale):
@@ -152,10 +150,7 @@ class DiTBlock(nn.Module):
         if self.routing is None:
             return self.dit_block(x, c)
         mask = self.routing(t, dtype=x.dtype)  # (N, 1, D), one row per sample's original timestep
-        routed = mask * x
-        # (1 - m) * z + DiTBlock(m * z), with (1 - m) * z written as z - m * z: the same values for a 0/1
-        # mask (exactly), one full-size multiply fewer.
-        return self.dit_block(routed, c) + (x - routed)
+        return routed(self.dit_block, x, mask, c)  # Eq. 8
 
 
 class FinalLayer(nn.Module):

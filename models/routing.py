@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 ROUTING_KINDS = ("none", "dtr", "dtr-paper", "random", "cdtr", "ercdt")
+NUM_TIMESTEPS = 1000  # T: one task per original diffusion timestep 0..999; tables are indexed by it
 NUM_TIMESTEP_CLUSTERS = 8  # Appendix F: k = 8 uniform timestep clusters
 
 
@@ -132,11 +133,20 @@ def build_masks(kind, num_tasks, channels, alpha=4.0, beta=0.8, seed=0):
 ROUTING_CONFIG_KEYS = ("routing", "alpha", "beta", "routing_seed")  # what rebuilds every mask table
 
 
-def make_block_router(kind, block_index, channels, alpha, beta, seed, num_tasks=1000):
+def make_block_router(kind, block_index, channels, alpha, beta, seed, num_tasks=NUM_TIMESTEPS):
     """The router of one block, or None without routing; R-TR gives block i its own table (seed + i)."""
     if kind == "none":
         return None
     return TaskRouter(kind, num_tasks, channels, alpha, beta, seed + block_index if kind == "random" else seed)
+
+
+def routed(block, z, mask, *args):
+    """Eq. 8: (1 - m) * z + Block(m * z, ...), the block's inner residuals included; mask (N, 1, C) of 0/1.
+
+    (1 - m) * z is computed as z - m * z: the same values for a 0/1 mask (exactly), one multiply fewer.
+    """
+    masked = mask * z
+    return block(masked, *args) + (z - masked)
 
 
 class TaskRouter(nn.Module):

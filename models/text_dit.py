@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.dit import (NUM_TIMESTEPS, Attention, DiT_models, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder,
-                        initialize_dit_weights, modulate)
-from models.routing import ROUTING_CONFIG_KEYS, make_block_router, validate_routing
+from models.dit import (Attention, DiT_models, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, initialize_dit_weights,
+                        modulate)
+from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, make_block_router, routed, validate_routing
 
 
 #################################################################################
@@ -82,7 +82,7 @@ class TextDiTBlock(nn.Module):
         if self.routing is None:
             return self.dit_block(x, c, context, context_mask)
         mask = self.routing(t, dtype=x.dtype)  # (N, 1, D), one row per sample's original timestep
-        return (1 - mask) * x + self.dit_block(mask * x, c, context, context_mask)
+        return routed(self.dit_block, x, mask, c, context, context_mask)  # Eq. 8
 
 
 #################################################################################

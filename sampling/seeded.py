@@ -11,6 +11,7 @@ import torch
 
 from diffusion import create_diffusion
 from diffusion.guidance import ClassifierFreeGuidance
+from models.vae import LATENT_SCALE, decode, load_vae
 from storage.checkpoint import checkpoint_flags, load_checkpoint
 
 
@@ -113,19 +114,10 @@ def parse_guide_channels(value):
 
 
 @torch.no_grad()
-def to_uint8(samples, vae=None, latent_scale=0.18215):
+def to_uint8(samples, vae=None, latent_scale=LATENT_SCALE):
     """Model-space samples (N, C, H, W) -> uint8 images (N, H', W', C'): VAE-decoded if latent, as in DiT."""
     if vae is not None:
-        samples = vae.decode(samples.to(vae.dtype) / latent_scale).sample.float()  # (N, 3, 8H, 8W)
+        samples = decode(vae, samples, latent_scale)  # (N, 3, 8H, 8W)
     images = torch.clamp(127.5 * samples + 128.0, 0, 255).to(torch.uint8)
     return images.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
 
-
-def load_vae(name_or_path, device):
-    """The diffusers AutoencoderKL a latent model was trained with (a hub name or a local folder)."""
-    from diffusers.models import AutoencoderKL  # imported here: pixel-space models need no diffusers
-    try:
-        return AutoencoderKL.from_pretrained(name_or_path).to(device).eval()
-    except OSError as error:
-        raise OSError(f"cannot load the VAE {name_or_path!r} (offline? pass --vae with a local path "
-                      f"holding a diffusers AutoencoderKL): {error}") from error

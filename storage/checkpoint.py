@@ -1,6 +1,9 @@
-"""Turn any supported checkpoint into (model, settings) for sampling.
+"""The checkpoint format: train.py's training checkpoints written and resumed, any checkpoint read for sampling.
 
-Four formats are read (see the checkpoint format in README / the project contract):
+train.py writes one dict per checkpoint (training_checkpoint, save_checkpoint; keys in train.py's docstring)
+and resumes it (read_training_checkpoint, check_resume_compatible, restore_training_state).
+
+Four formats are read for sampling (load_checkpoint):
   * ours (train.py): {"model", "ema", "model_config", "diffusion_config", "vae", "image_size", ...};
     every model, routing and diffusion setting comes from the file;
   * official DiT training dicts: {"model", "ema", "opt", "args": argparse.Namespace};
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from models import ADM, DiT, build_from_config, create_model, family_of
+from models.vae import LATENT_DOWNSAMPLE, LATENT_SCALE, vae_name
+from storage.atomic_file import atomic_write
 from storage.authors_checkpoint import carries_release_routing_tables, load_with_omegaconf_config, release_settings
 
 
@@ -37,11 +42,82 @@ RAW_STATE_DICT_DEFAULTS = {
 }
 # What the DTR release trained with, for its files that do not say (their mask tables are the sign).
 RELEASE_DEFAULTS = {"routing": "dtr", "noise_schedule": "cosine"}
-LATENT_SCALE = 0.18215        # SD VAE latent scaling (official DiT: decode(z / 0.18215))
-LATENT_DOWNSAMPLE = 8         # SD VAE: 256x256x3 -> 32x32x4
 SETTING_FLAGS = ("model", "image_size", "num_classes", "routing", "alpha", "beta", "routing_seed",
                  "noise_schedule")
 
+
+#################################################################################
+#                         Training checkpoints (train.py)                       #
+#################################################################################
+
+@dataclass
+class TrainingState:
+    """What a training checkpoint holds: networks, optimiser, fixed settings and where the run stands."""
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    weighting: torch.nn.Module          # the loss weighting (ANT-UW's learnable s_k)
+    scaler: torch.amp.GradScaler        # fp16 only
+    settings: dict                      # model_config, diffusion_config, vae, image_size, latent_scale, dataset
+    step: int = 0                       # optimiser steps done
+    epoch: int = 0
+    position: int = 0                   # batches done in the epoch
+
+
+def training_checkpoint(state, args, rng_states, loss_log):
+    """The dict train.py saves: state, args, one RNG state per rank and the loss log (LossLog.state())."""
+    checkpoint = {
+        "model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
+        "step": state.step, "args": vars(args), **state.settings,
+        "loss_weighting": state.weighting.state_dict(), "rng": rng_states,
+        "loss_log": loss_log,
+        "data_state": {"epoch": state.epoch, "position": state.position, "sampler_seed": args.global_seed,
+                       "global_batch_size": args.global_batch_size},
+    }
+    if state.scaler.is_enabled():
+        checkpoint["scaler"] = state.scaler.state_dict()
+    return checkpoint
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save through a temp file and os.replace: a crash never leaves a broken checkpoint."""
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def read_training_checkpoint(path):
+    """A train.py checkpoint as saved (weights_only: no code runs on load)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_resume_compatible(checkpoint, path, model_config, diffusion_config):
+    """Refuse to resume a checkpoint of another model, routing or diffusion setup; name what differs."""
+    for label, saved, current in (("model", checkpoint["model_config"], model_config),
+                                  ("diffusion", checkpoint["diffusion_config"], diffusion_config)):
+        keys = sorted(set(saved) | set(current))
+        diff = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
+                for k in keys if saved.get(k) != current.get(k) and k != "grad_checkpointing"]
+        if diff:
+            raise ValueError(f"cannot resume {path}: its {label} config differs from this run's "
+                             f"({'; '.join(diff)})")
+
+
+def restore_training_state(state, checkpoint):
+    """Load weights, optimiser, loss weighting, scaler and the position in the data into state."""
+    state.model.load_state_dict(checkpoint["model"])
+    state.ema.load_state_dict(checkpoint["ema"])
+    state.opt.load_state_dict(checkpoint["opt"])
+    state.weighting.load_state_dict(checkpoint["loss_weighting"])
+    if "scaler" in checkpoint:
+        state.scaler.load_state_dict(checkpoint["scaler"])
+    state.step = checkpoint["step"]
+    state.epoch, state.position = checkpoint["data_state"]["epoch"], checkpoint["data_state"]["position"]
+
+
+#################################################################################
+#                          Any checkpoint, for sampling                         #
+#################################################################################
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -53,11 +129,6 @@ class SamplingSettings:
     diffusion_config: dict = field(default_factory=dict)  # create_diffusion kwargs used in training
     weights: str = "ema"            # which weights were loaded: "ema", "model" or "state_dict"
     step: int = -1                  # training step of the checkpoint, -1 if unknown
-
-
-def vae_name(vae):
-    """Expand official DiT's --vae {ema,mse} shorthand to the diffusers repository name."""
-    return f"stabilityai/sd-vae-ft-{vae}" if vae in ("ema", "mse") else vae
 
 
 def _read(path):

@@ -12,6 +12,7 @@ from PIL import Image
 
 import extract_features
 from imagedata import build_dataset, read_manifest
+from models.vae import vae_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE = 0.18215
@@ -132,9 +133,9 @@ def test_bad_image_fails_naming_it_and_count_then_skip_resumes_only_unfinished_s
 
 
 def test_vae_shorthands_map_to_official_dit_vaes():
-    assert extract_features.resolve_vae("ema") == "stabilityai/sd-vae-ft-ema"
-    assert extract_features.resolve_vae("mse") == "stabilityai/sd-vae-ft-mse"
-    assert extract_features.resolve_vae("/some/local/vae") == "/some/local/vae"
+    assert vae_name("ema") == "stabilityai/sd-vae-ft-ema"
+    assert vae_name("mse") == "stabilityai/sd-vae-ft-mse"
+    assert vae_name("/some/local/vae") == "/some/local/vae"
 
 
 def test_two_process_torchrun_matches_one_process_and_latent_dataset_reads_both_flips(tmp_path, tiny_vae):
