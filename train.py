@@ -52,7 +52,9 @@ from launch.preemption import PreemptionFlag, ignore_preemption_signals
 from launch.process_group import add_launch_arguments, cleanup_distributed, describe_distributed, setup_distributed
 from models import ROUTING_KINDS, check_overrides, create_model, model_names
 from models import model_config as model_config_of
-from models.vae import LATENT_SCALE, NO_VAE
+from models.vae import LATENT_SCALE, NO_VAE, load_vae
+from monitoring.tensorboard_log import tensorboard_available
+from monitoring.training_monitor import TrainingMonitor
 from storage.checkpoint import (TrainingState, check_resume_compatible, read_training_checkpoint,
                                 restore_training_state, save_checkpoint, training_checkpoint)
 from storage.resume_policy import apply_learning_rate, check_fixed_settings, dataset_identity
@@ -307,6 +309,10 @@ def train(args, rank, world_size, device, preemption=None):
         autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
         posterior_latents = getattr(dataset, "latent_stat", None) == "posterior"  # x: a VAE posterior's mean, std
         first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of first NaN/inf
+        vae = state.settings["vae"]
+        monitor = TrainingMonitor(experiment_dir, rank, world_size, device, max_steps, state.step,
+                                  diffusion.num_timesteps, args.tensorboard, args.sample_every,
+                                  load_vae=None if vae == NO_VAE else lambda: load_vae(vae, device))
         logger.info(f"Training for {max_steps} steps ({steps_per_epoch} steps per epoch), global batch "
                     f"{args.global_batch_size} = {world_size} ranks x {local_batch_size}")
         stopped = False
@@ -317,8 +323,9 @@ def train(args, rank, world_size, device, preemption=None):
                 # (B, C, H, W): images in [-1, 1] or scaled latents; (B, 2, C, h, w): a VAE posterior's mean, std
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)  # (B,)
-                loss = train_step(state, ddp_model, diffusion, x, y, args, rank, world_size, autocast_dtype,
-                                  posterior_latents)
+                loss, t, losses = train_step(state, ddp_model, diffusion, x, y, args, rank, world_size,
+                                             autocast_dtype, posterior_latents)
+                monitor.after_step(t, losses)
                 state.step += 1
                 state.position += 1
                 loss_log.add(loss)
@@ -330,9 +337,14 @@ def train(args, rank, world_size, device, preemption=None):
                 if at_log or at_ckpt or stopping:  # checked here only, to avoid a device sync every step
                     check_finite(first_bad_step, checkpoint_dir, world_size)
                 if at_log:
-                    loss_log.write(state.step)
+                    scalars = loss_log.write(state.step)
+                    monitor.at_log(state.step, {**scalars, "lr": state.opt.param_groups[0]["lr"]})
                 if state.position == steps_per_epoch:
                     state.epoch, state.position = state.epoch + 1, 0
+                grid = monitor.sample_grid(state.step, ema, state.settings["diffusion_config"], args.global_seed,
+                                           state.settings["latent_scale"])
+                if grid is not None:
+                    logger.info(f"Saved EMA samples to {grid}")
                 if at_ckpt or stopping:
                     save(state, args, loss_log, checkpoint_dir, rank, world_size, logger)
                 if stopping:
@@ -343,6 +355,7 @@ def train(args, rank, world_size, device, preemption=None):
                 if state.step >= max_steps or stopped:
                     break
         model.eval()
+        monitor.close()
         if not stopped:
             logger.info("Done!")
         return experiment_dir
@@ -351,7 +364,9 @@ def train(args, rank, world_size, device, preemption=None):
 
 
 def train_step(state, ddp_model, diffusion, x, y, args, rank, world_size, autocast_dtype, posterior_latents=False):
-    """One optimiser step on this rank's share of the global batch, then the EMA; returns the loss (0-dim).
+    """One optimiser step on this rank's share of the global batch, then the EMA.
+
+    Returns the loss (0-dim), and this rank's timesteps t (B,) and per-sample losses (B,) for the monitor.
 
     x: (B, C, H, W) images in [-1, 1] or scaled latents; with posterior_latents (B, 2, C, h, w), a VAE
     posterior's mean and std, from which this step draws its latent as official DiT's latent_dist.sample().
@@ -369,14 +384,15 @@ def train_step(state, ddp_model, diffusion, x, y, args, rank, world_size, autoca
         x = sample_posterior(x, eps)  # (B, C, h, w)
     model_kwargs = dict(y=y, force_drop_ids=drop.long() if dropout_prob > 0 else None)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = diffusion.training_losses(ddp_model, x, t, model_kwargs, noise=noise)["loss"].float().mean()
+        losses = diffusion.training_losses(ddp_model, x, t, model_kwargs, noise=noise)["loss"].float()  # (B,)
+    loss = losses.mean()
     state.opt.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     state.weighting.all_reduce_gradients()  # ANT-UW's s_k are outside DDP
     state.scaler.step(state.opt)
     state.scaler.update()
     update_ema(state.ema, state.model, args.ema_decay)
-    return loss.detach()
+    return loss.detach(), t, losses.detach()
 
 
 #################################################################################
@@ -439,6 +455,11 @@ def build_parser():
                      help="keep only the K newest checkpoints (default: keep all), plus --keep-every's milestones")
     run.add_argument("--keep-every", type=int, default=None,
                      help="with --keep-last: never delete checkpoints whose step is a multiple of this")
+    watch = parser.add_argument_group("monitoring")
+    watch.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                       help="TensorBoard scalars in <run>/tensorboard (needs the tensorboard extra)")
+    watch.add_argument("--sample-every", type=int, default=None,
+                       help="every N steps, a 4x4 grid of EMA samples (DDIM-50) in <run>/samples/<step>.png")
     add_launch_arguments(parser)
     return parser
 
@@ -546,6 +567,10 @@ def validate_args(args):
     for flag in ("keep_last", "keep_every"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.sample_every is not None and args.sample_every < 1:
+        raise ValueError(f"--sample-every must be >= 1, got {args.sample_every}")
+    if args.tensorboard and not tensorboard_available():
+        raise ValueError("--tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\"")
     if args.keep_every is not None and args.keep_last is None:
         raise ValueError("--keep-every only spares checkpoints from --keep-last pruning; give --keep-last K too")
     if args.max_steps is not None and args.max_steps < 1:

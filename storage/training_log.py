@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import resource
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+from monitoring.progress import console_handler, file_handler
 from storage.atomic_file import atomic_write
 
 
@@ -21,10 +21,8 @@ def create_logger(logging_dir, rank):
     logger = logging.getLogger(f"train.{os.path.abspath(logging_dir) if logging_dir else rank}")
     logger.propagate = False
     close_logger(logger)
-    if rank == 0:
-        fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(f"{logging_dir}/log.txt")):
-            handler.setFormatter(fmt)
+    if rank == 0:  # colour and the progress bar on a terminal only; log.txt gets plain lines
+        for handler in (console_handler(), file_handler(f"{logging_dir}/log.txt")):
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     else:
@@ -93,7 +91,9 @@ class LossLog:
         self.steps = state["steps"]
 
     def write(self, step):
-        """Log the mean loss over ranks and steps since the last line, the speed and peak memory; reset."""
+        """Log the mean loss over ranks and steps since the last line, the speed and peak memory; reset.
+
+        Returns the line's {"loss", "steps_per_sec", "images_per_sec", "peak_mem_gb"} (for TensorBoard)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         steps_per_sec = self.timed_steps / (time.time() - self.start_time)
@@ -104,9 +104,10 @@ class LossLog:
         loss, mem, images_per_sec = mean_loss.item(), peak_memory_gb(self.device), steps_per_sec * self.global_batch_size
         self.logger.info(f"(step={step:07d}) Train Loss: {loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
                          f"Images/Sec: {images_per_sec:.1f}, Peak Mem: {mem:.2f} GB")
+        scalars = {"loss": loss, "steps_per_sec": steps_per_sec, "images_per_sec": images_per_sec, "peak_mem_gb": mem}
         if self.rank == 0:
             with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": loss, "steps_per_sec": steps_per_sec,
-                                    "images_per_sec": images_per_sec, "peak_mem_gb": mem}) + "\n")
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
         self.running_loss.zero_()
         self.steps, self.timed_steps, self.start_time = 0, 0, time.time()
+        return scalars

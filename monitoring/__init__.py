@@ -1,0 +1,1 @@
+"""Watching a training run: console progress bar, TensorBoard scalars, EMA sample grids."""
