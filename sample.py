@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from launch.cli import UsageError, finite_float, make_output_dir, run_command
 from storage.atomic_file import atomic_write
 from storage.checkpoint import add_checkpoint_arguments
-from sampling.seeded import generate, load_for_sampling, parse_guide_channels, to_uint8
+from sampling.seeded import check_sampling_flags, generate, load_for_sampling, parse_guide_channels, to_uint8
 
 
 OFFICIAL_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # official DiT's sample.py grid
@@ -29,7 +30,7 @@ def grid_labels(class_labels, samples_per_class, num_classes):
     """(labels (N,), images per grid row) for the requested classes, validated against num_classes."""
     if num_classes == 1:  # unconditional: every label is 0
         if class_labels and any(y != 0 for y in class_labels):
-            raise ValueError(f"--class-labels {class_labels} given, but the model is unconditional (num_classes = 1)")
+            raise UsageError(f"--class-labels {class_labels} given, but the model is unconditional (num_classes = 1)")
         n = samples_per_class or 16
         return torch.zeros(n, dtype=torch.long), math.ceil(math.sqrt(n))
     if class_labels is None:
@@ -41,10 +42,10 @@ def grid_labels(class_labels, samples_per_class, num_classes):
         default_per_class = 1
     bad = [y for y in class_labels if not 0 <= y < num_classes]
     if bad:
-        raise ValueError(f"--class-labels {bad} outside [0, {num_classes}) for this {num_classes}-class model")
+        raise UsageError(f"--class-labels {bad} outside [0, {num_classes}) for this {num_classes}-class model")
     per_class = samples_per_class or default_per_class
     if per_class < 1:
-        raise ValueError(f"--samples-per-class must be >= 1, got {per_class}")
+        raise UsageError(f"--samples-per-class must be >= 1, got {per_class}")
     labels = torch.tensor(class_labels, dtype=torch.long).repeat_interleave(per_class)  # (classes * per_class,)
     # one class per row when several per class, else official DiT's 4 columns
     return labels, per_class if per_class > 1 else 4
@@ -54,19 +55,18 @@ def grid_labels(class_labels, samples_per_class, num_classes):
 def main(args):
     """Sample the grid and save it as a PNG."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.num_sampling_steps < 1:
-        raise ValueError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
+    check_sampling_flags(args)
 
     model, settings, cfg_scale, diffusion, vae = load_for_sampling(args, device, default_cfg_scale=4.0)
 
     labels, nrow = grid_labels(args.class_labels, args.samples_per_class, model.num_classes)
+    make_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")  # a folder we cannot write: before sampling
     samples = generate(model, diffusion, args.sampler, list(range(len(labels))), labels, args.seed, cfg_scale,
                        args.guide_channels, args.mixed_precision, progress=True, clip_denoised=vae is None)
     images = torch.from_numpy(to_uint8(samples, vae, settings.latent_scale)).permute(0, 3, 1, 2)  # (N, C, H, W)
     grid = make_grid(images, nrow=nrow, padding=2).permute(1, 2, 0).numpy()  # (H', W', 3) uint8
     # make_grid repeats one channel to three; 1-channel models (Fashion-MNIST) are saved as grayscale
     picture = Image.fromarray(np.ascontiguousarray(grid[..., 0] if images.shape[1] == 1 else grid))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write(args.out, lambda f: picture.save(f, format="PNG"))
     print(args.out)
 
@@ -76,8 +76,8 @@ def build_parser():
     add_checkpoint_arguments(parser)
     parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
     parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--cfg-scale", type=float, default=None,
-                        help="default 4.0 for conditional models (official grid), 1 for unconditional")
+    parser.add_argument("--cfg-scale", type=finite_float, default=None,
+                        help="default 4.0 for conditional models (official grid), 1 for unconditional; >= 0")
     parser.add_argument("--guide-channels", type=parse_guide_channels, default="all",
                         help="'all' latent channels, or 3 for official DiT's legacy 3-channel guidance")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,
@@ -91,4 +91,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_command(main, build_parser())

@@ -30,8 +30,10 @@ from tqdm import tqdm
 
 from storage.atomic_file import atomic_write
 from storage.checkpoint import add_checkpoint_arguments
+from launch.cli import UsageError, check_on_every_rank, finite_float, make_output_dir, run_command
 from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
-from sampling.seeded import class_labels, generate, load_for_sampling, parse_guide_channels, to_uint8
+from sampling.seeded import (check_sampling_flags, class_labels, generate, load_for_sampling, parse_guide_channels,
+                             to_uint8)
 from sampling.work_split import missing_intervals, rank_shards
 
 SHARD_NAME = re.compile(r"^shard_(\d{6,})_(\d{6,})\.npz$")  # shard_<start>_<stop>.npz
@@ -87,7 +89,7 @@ def check_shard_dir(shard_dir, config):
     differ = [f"{k}: {stored.get(k)!r} there vs {config.get(k)!r} now"
               for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
     if differ:
-        raise ValueError(f"{shard_dir} holds shards of another configuration ({'; '.join(differ)}); "
+        raise UsageError(f"{shard_dir} holds shards of another configuration ({'; '.join(differ)}); "
                          "use another --sample-dir or restore the original settings (no shard was deleted)")
 
 
@@ -127,7 +129,7 @@ def read_shard(path, start, stop):
     with np.load(path) as shard:
         images, labels = shard["images"], shard["labels"]
     if len(images) != stop - start or len(labels) != stop - start:
-        raise ValueError(f"{path} holds {len(images)} samples, expected {stop - start} (indices {start}..{stop - 1})")
+        raise UsageError(f"{path} holds {len(images)} samples, expected {stop - start} (indices {start}..{stop - 1})")
     return images, labels
 
 
@@ -144,10 +146,13 @@ def rgb(images):
 def main(args):
     """Sample the shards this process owns, then (rank 0) join all shards into one .npz."""
     if args.num_fid_samples < 1:
-        raise ValueError(f"--num-fid-samples must be >= 1, got {args.num_fid_samples}")
-    for flag in ("shard_size", "per_proc_batch_size", "num_sampling_steps"):
+        raise UsageError(f"--num-fid-samples must be >= 1, got {args.num_fid_samples}")
+    for flag in ("shard_size", "per_proc_batch_size"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_shards is not None and args.max_shards < 1:
+        raise UsageError(f"--max-shards must be >= 1, got {args.max_shards}")
+    check_sampling_flags(args)
     rank, world_size, device = setup_distributed(args.device, args.dist_timeout)
     distributed = dist.is_initialized()  # under torchrun; a plain process runs alone
     if device.type == "cuda":
@@ -160,8 +165,8 @@ def main(args):
     shard_dir = os.path.join(args.sample_dir, f"{name}.shards")
     config = sampling_config(args, settings, cfg_scale)
     check_shard_dir(shard_dir, config)  # every rank checks, so every rank stops on a mismatch
+    check_on_every_rank(lambda: make_output_dir(shard_dir, "--sample-dir") if rank == 0 else None)
     if rank == 0:
-        os.makedirs(shard_dir, exist_ok=True)
         if not os.path.exists(os.path.join(shard_dir, "config.json")):
             atomic_write(os.path.join(shard_dir, "config.json"),
                          lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()))
@@ -229,7 +234,7 @@ def write_samples(shard_dir, bounds, out):
     """Join the shards, in index order and one at a time, into <out>: arr_0 uint8 NHWC RGB, arr_1 labels."""
     for (_, stop), (start, _) in zip(bounds, bounds[1:]):
         if stop != start:  # two runs wrote into one folder at once
-            raise ValueError(f"shards in {shard_dir} overlap or leave a gap at sample {min(stop, start)}; "
+            raise UsageError(f"shards in {shard_dir} overlap or leave a gap at sample {min(stop, start)}; "
                              "remove the overlapping ones and re-run")
     first, _ = read_shard(shard_path(shard_dir, *bounds[0]), *bounds[0])
     n = bounds[-1][1]
@@ -249,8 +254,8 @@ def build_parser():
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
     parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
     parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--cfg-scale", type=float, default=None,
-                        help="default 1.5 for conditional models (the paper's FID setting), 1 for unconditional")
+    parser.add_argument("--cfg-scale", type=finite_float, default=None,
+                        help="default 1.5 for conditional models (the paper's FID setting), 1 for unconditional; >= 0")
     parser.add_argument("--guide-channels", type=parse_guide_channels, default="all",
                         help="'all' latent channels, or 3 for official DiT's legacy 3-channel guidance")
     parser.add_argument("--global-seed", type=int, default=0)
@@ -269,4 +274,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_command(main, build_parser())

@@ -44,10 +44,13 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
 
 from diffusion import WEIGHTINGS, create_diffusion
-from imagedata import build_dataset
+from imagedata import ImageFileDataset, build_dataset
+from imagedata.image_folder import find_damaged_images
 from imagedata.latents import sample_posterior
+from launch.cli import UsageError, check_on_every_rank, finite_float, make_output_dir, run_command
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
 from launch.process_group import add_launch_arguments, cleanup_distributed, describe_distributed, setup_distributed
 from models import ROUTING_KINDS, check_overrides, create_model, model_names
@@ -121,29 +124,32 @@ def model_overrides(args):
 
 def build_model(args, input_size, in_channels, num_classes):
     """The --model zoo entry with --model-arg overrides, sized to the data, routed as the flags say."""
-    return create_model(args.model, **model_overrides(args), input_size=input_size, in_channels=in_channels,
-                        num_classes=num_classes, learn_sigma=True, routing=args.routing, alpha=args.alpha,
-                        beta=args.beta, routing_seed=args.routing_seed, grad_checkpointing=args.grad_checkpointing)
+    try:
+        return create_model(args.model, **model_overrides(args), input_size=input_size, in_channels=in_channels,
+                            num_classes=num_classes, learn_sigma=True, routing=args.routing, alpha=args.alpha,
+                            beta=args.beta, routing_seed=args.routing_seed, grad_checkpointing=args.grad_checkpointing)
+    except ValueError as error:  # flags the model cannot be built from, e.g. a size its patch does not divide
+        raise UsageError(f"--model {args.model}: {error}") from None
 
 
 def check_data_fits_model(args, dataset):
     """(input_size, in_channels): the model input implied by the data, or a clear error if they disagree."""
     if len(dataset) < args.global_batch_size:
-        raise ValueError(f"dataset has {len(dataset)} samples, fewer than --global-batch-size "
+        raise UsageError(f"dataset has {len(dataset)} samples, fewer than --global-batch-size "
                          f"{args.global_batch_size}: not a single step per epoch")
     if dataset.num_classes > args.num_classes:
-        raise ValueError(f"dataset has {dataset.num_classes} classes but --num-classes is {args.num_classes}")
+        raise UsageError(f"dataset has {dataset.num_classes} classes but --num-classes is {args.num_classes}")
     channels, resolution = dataset.channels, dataset.resolution
     if args.feature_path is not None:
         if dataset.image_size != args.image_size:
-            raise ValueError(f"latents in {args.feature_path} were extracted from {dataset.image_size}px images "
+            raise UsageError(f"latents in {args.feature_path} were extracted from {dataset.image_size}px images "
                              f"but --image-size is {args.image_size}")
         return resolution, channels
     if args.vae != NO_VAE:
-        raise ValueError("encoding images with a VAE on the fly is not supported: precompute latents with "
+        raise UsageError("encoding images with a VAE on the fly is not supported: precompute latents with "
                          "extract_features.py and pass --feature-path, or train in pixel space with --vae none")
     if resolution != args.image_size:
-        raise ValueError(f"dataset yields {resolution}x{resolution} images but --image-size is {args.image_size}")
+        raise UsageError(f"dataset yields {resolution}x{resolution} images but --image-size is {args.image_size}")
     return resolution, channels
 
 
@@ -193,9 +199,7 @@ def build_loader(dataset, sampler, epoch, position, local_batch_size, num_worker
 def open_run(args, state, dataset, rank, world_size):
     """(experiment dir, checkpoint resumed or None, temp files of killed saves removed): rank 0 picks the
     folder (--resume auto: the newest checkpoint in it), every rank restores the state."""
-    located = [None, None, []]
-    if rank == 0:
-        located = list(resolve_run(args.results_dir, args.model.replace("/", "-"), args.exp_name, args.resume))
+    located = check_on_every_rank(locate_run, args, rank)  # a folder that cannot be written stops every rank
     if world_size > 1:
         dist.broadcast_object_list(located, src=0)
     experiment_dir, resume_path, removed_temp_files = located
@@ -251,7 +255,7 @@ def train(args, rank, world_size, device, preemption=None):
     """Set up (data, model, run folder, resume), then official DiT's loop: step, log, checkpoint."""
     preemption = preemption or PreemptionFlag(world_size)  # without handlers installed it never fires
     if args.global_batch_size % world_size != 0:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
+        raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
                          f"{world_size}")
     if device.type == "cuda":
         # TF32 as official DiT: faster matmuls on Ampere+, negligible effect on results
@@ -259,8 +263,7 @@ def train(args, rank, world_size, device, preemption=None):
         torch.backends.cudnn.allow_tf32 = True
 
     # Data first, so a bad path fails before anything is written; then model, EMA, diffusion, optimizer:
-    dataset = build_dataset(data_path=args.data_path, feature_path=args.feature_path, image_size=args.image_size,
-                            flip=True, seed=args.global_seed)
+    dataset = open_dataset(args, rank, world_size)
     state, diffusion = build_training_state(args, dataset, device)
     model, ema = state.model, state.ema
     experiment_dir, checkpoint, removed_temp_files = open_run(args, state, dataset, rank, world_size)
@@ -410,7 +413,9 @@ def build_parser():
     data.add_argument("--image-size", type=int, default=256)
     data.add_argument("--num-classes", type=int, default=1000, help="1 = unconditional (FFHQ)")
     data.add_argument("--vae", type=str, default="ema",
-                      help="VAE of the latents (ema, mse or a path; recorded in checkpoints); none = pixel space")
+                      help="'none' trains on --data-path images in pixel space (required there: images are not "
+                           "encoded on the fly). With --feature-path the VAE named in the latents' manifest "
+                           "(extract_features.py --vae) is used and recorded in checkpoints; other values are ignored")
     data.add_argument("--num-workers", type=int, default=4)
     model = parser.add_argument_group("model")
     model.add_argument("--model", type=str, choices=model_names(), default="DiT-XL/2")
@@ -419,28 +424,29 @@ def build_parser():
                        help="override a constructor argument of --model, e.g. hidden_size=64 or channel_mult=[1,2] "
                             "(repeatable; VALUE is read as YAML; in a config: a model_args mapping)")
     model.add_argument("--routing", type=str, choices=ROUTING_KINDS, default="none",
-                       help="none = vanilla, random = R-TR, dtr = DTR (Sec. 4)")
-    model.add_argument("--alpha", type=float, default=4.0, help="DTR window shift exponent (Eq. 4)")
-    model.add_argument("--beta", type=float, default=0.8, help="share of active channels per task")
+                       help="none = vanilla; dtr = DTR (Sec. 4, as the authors' code); dtr-paper = Eq. 4 as printed; "
+                            "random = R-TR (Sec. 4.2); cdtr, ercdt = the clustered variants of App. F")
+    model.add_argument("--alpha", type=finite_float, default=4.0, help="DTR window shift exponent (Eq. 4)")
+    model.add_argument("--beta", type=finite_float, default=0.8, help="share of active channels per task")
     model.add_argument("--routing-seed", type=int, default=0, help="seed of the R-TR masks")
     model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     diff = parser.add_argument_group("diffusion")
     diff.add_argument("--noise-schedule", type=str, choices=NOISE_SCHEDULES, default="squaredcos_cap_v2",
                       help="squaredcos_cap_v2 or its other name cosine (paper); linear = official DiT")
     diff.add_argument("--loss-weighting", type=str, choices=WEIGHTINGS, default="vanilla")
-    diff.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR gamma")
-    diff.add_argument("--p2-k", type=float, default=1.0)
-    diff.add_argument("--p2-gamma", type=float, default=1.0)
+    diff.add_argument("--snr-gamma", type=finite_float, default=5.0, help="Min-SNR gamma")
+    diff.add_argument("--p2-k", type=finite_float, default=1.0)
+    diff.add_argument("--p2-gamma", type=finite_float, default=1.0)
     diff.add_argument("--ant-num-clusters", type=int, default=8, help="ANT-UW timestep clusters")
-    diff.add_argument("--ant-lr", type=float, default=0.025, help="ANT-UW lr of the log-variances s_k")
+    diff.add_argument("--ant-lr", type=finite_float, default=0.025, help="ANT-UW lr of the log-variances s_k")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--results-dir", type=str, default="results")
     optim.add_argument("--epochs", type=int, default=1400)
     optim.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
     optim.add_argument("--global-batch-size", type=int, default=256)
     optim.add_argument("--global-seed", type=int, default=0)
-    optim.add_argument("--lr", type=float, default=1e-4)
-    optim.add_argument("--ema-decay", type=float, default=0.9999)
+    optim.add_argument("--lr", type=finite_float, default=1e-4)
+    optim.add_argument("--ema-decay", type=finite_float, default=0.9999)
     optim.add_argument("--mixed-precision", type=str, choices=["no", "bf16", "fp16"], default="no")
     optim.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     optim.add_argument("--log-every", type=int, default=100)
@@ -489,20 +495,23 @@ def config_to_argv(parser, path):
 
     The mapping under model_args becomes one --model-arg KEY=VALUE per entry.
     """
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"--config {path}: {getattr(error, 'strerror', None) or ' '.join(str(error).split())}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"config {path} must be a mapping of flag names to values")
+        raise UsageError(f"config {path} must be a mapping of flag names to values")
     flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
     unknown = sorted(k for k in config if str(k).replace("-", "_") not in flags)
     if unknown:
-        raise ValueError(f"unknown keys in config {path}: {', '.join(map(str, unknown))} "
+        raise UsageError(f"unknown keys in config {path}: {', '.join(map(str, unknown))} "
                          f"(valid: {', '.join(sorted(flags))})")
     argv = []
     for key, value in config.items():
         if str(key).replace("-", "_") == "model_args":
             if not isinstance(value, dict):
-                raise ValueError(f"model_args in config {path} must be a mapping of constructor arguments to "
+                raise UsageError(f"model_args in config {path} must be a mapping of constructor arguments to "
                                  f"values, got {value!r}")
             for name, arg in value.items():
                 argv += ["--model-arg", f"{name}={json.dumps(arg)}"]  # JSON is YAML: parse_model_arg reads it back
@@ -526,60 +535,106 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def open_dataset(args, rank, world_size):
+    """build_dataset for --data-path / --feature-path; data that cannot be read stops every rank before training.
+
+    Image files are checked up front (size, header, end marker; see imagedata.image_folder.image_file_problem),
+    each rank a share of them, so a file that was bad from the start never crashes a run hours in at its batch.
+    """
+    try:
+        dataset = build_dataset(data_path=args.data_path, feature_path=args.feature_path,
+                                image_size=args.image_size, flip=True, seed=args.global_seed)
+    except (OSError, ValueError) as error:  # no dataset kind recognised, an empty class folder, a bad manifest
+        flag = "--feature-path" if args.feature_path is not None else "--data-path"
+        raise UsageError(f"{flag}: {error}") from None
+
+    def check_images():
+        if not isinstance(dataset, ImageFileDataset):
+            return
+        paths = dataset.paths[rank::world_size]
+        damaged = find_damaged_images(tqdm(paths, desc="checking images", disable=rank != 0 or len(paths) < 10_000))
+        if damaged:
+            listed = "; ".join(f"{path} ({reason})" for path, reason in damaged[:3])
+            raise UsageError(f"--data-path holds {'at least ' if world_size > 1 else ''}{len(damaged)} unreadable "
+                             f"image(s): {listed}{'; ...' if len(damaged) > 3 else ''}. Remove or replace them")
+    check_on_every_rank(check_images)
+    return dataset
+
+
+def locate_run(args, rank):
+    """[run folder, checkpoint to resume, removed temp files] on rank 0 (storage.run_folder.resolve_run)."""
+    if rank != 0:
+        return [None, None, []]
+    if args.resume in (None, "auto"):
+        make_output_dir(args.results_dir, "--results-dir")
+    try:
+        return list(resolve_run(args.results_dir, args.model.replace("/", "-"), args.exp_name, args.resume))
+    except OSError as error:
+        raise UsageError(f"cannot prepare the run folder: {error.filename}: {error.strerror}") from None
+
+
 def check_data_paths(args):
     """Clear errors for a missing or empty data folder, before anything is built or written."""
     if (args.data_path is None) == (args.feature_path is None):
-        raise ValueError("give exactly one of --data-path (images) or --feature-path (precomputed latents)")
+        raise UsageError("give exactly one of --data-path (images) or --feature-path (precomputed latents)")
     for flag in ("data_path", "feature_path"):
         path = getattr(args, flag)
         if path is not None and not os.path.isdir(path):
-            raise FileNotFoundError(f"--{flag.replace('_', '-')} does not exist or is not a directory: {path}")
+            raise UsageError(f"--{flag.replace('_', '-')} does not exist or is not a directory: {path}")
         if path is not None and not os.listdir(path):
-            raise FileNotFoundError(f"--{flag.replace('_', '-')} is empty: {path}")
+            raise UsageError(f"--{flag.replace('_', '-')} is empty: {path}")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
+        raise UsageError(f"--resume checkpoint not found: {args.resume}")
 
 
 def validate_args(args):
     """Clear errors for flag values that would fail later (or silently do the wrong thing); no file access."""
     if args.model not in model_names():
-        raise ValueError(f"unknown model {args.model!r}; expected one of {', '.join(model_names())}")
+        raise UsageError(f"unknown model {args.model!r}; expected one of {', '.join(model_names())}")
     overrides = model_overrides(args)
-    check_overrides(args.model, overrides)
+    try:
+        check_overrides(args.model, overrides)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     for key in overrides:
         if key in MODEL_ARGS_SET_BY_TRAIN:
-            raise ValueError(f"--model-arg {key}=... is set by {MODEL_ARGS_SET_BY_TRAIN[key]}, not by --model-arg")
+            raise UsageError(f"--model-arg {key}=... is set by {MODEL_ARGS_SET_BY_TRAIN[key]}, not by --model-arg")
     if args.routing not in ROUTING_KINDS:
-        raise ValueError(f"unknown routing {args.routing!r}; expected one of {', '.join(ROUTING_KINDS)}")
+        raise UsageError(f"unknown routing {args.routing!r}; expected one of {', '.join(ROUTING_KINDS)}")
     if not (math.isfinite(args.alpha) and args.alpha > 0):
-        raise ValueError(f"--alpha must be a finite number > 0, got {args.alpha}")
+        raise UsageError(f"--alpha must be a finite number > 0, got {args.alpha}")
     if not 0 < args.beta <= 1:
-        raise ValueError(f"--beta must lie in (0, 1], got {args.beta}")
+        raise UsageError(f"--beta must lie in (0, 1], got {args.beta}")
     if args.feature_path is not None and args.vae == "none":
-        raise ValueError("--vae none trains in pixel space; it cannot be combined with --feature-path latents")
+        raise UsageError("--vae none trains in pixel space; it cannot be combined with --feature-path latents")
     for flag in ("global_batch_size", "log_every", "ckpt_every", "epochs", "image_size", "num_classes"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.resume == "auto" and args.exp_name is None:
-        raise ValueError("--resume auto needs --exp-name NAME: a numbered run folder is new at every start")
+        raise UsageError("--resume auto needs --exp-name NAME: a numbered run folder is new at every start")
     if args.exp_name is not None and (not args.exp_name or os.sep in args.exp_name or args.exp_name in (".", "..")):
-        raise ValueError(f"--exp-name must be a folder name without '{os.sep}', got {args.exp_name!r}")
+        raise UsageError(f"--exp-name must be a folder name without '{os.sep}', got {args.exp_name!r}")
     for flag in ("keep_last", "keep_every"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.sample_every is not None and args.sample_every < 1:
-        raise ValueError(f"--sample-every must be >= 1, got {args.sample_every}")
+        raise UsageError(f"--sample-every must be >= 1, got {args.sample_every}")
     if args.tensorboard and not tensorboard_available():
-        raise ValueError("--tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\"")
+        raise UsageError("--tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\"")
     if args.keep_every is not None and args.keep_last is None:
-        raise ValueError("--keep-every only spares checkpoints from --keep-last pruning; give --keep-last K too")
+        raise UsageError("--keep-every only spares checkpoints from --keep-last pruning; give --keep-last K too")
     if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+        raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
     if not 0 <= args.ema_decay <= 1:
-        raise ValueError(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
+        raise UsageError(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
     if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    for flag in ("snr_gamma", "p2_k", "p2_gamma", "ant_lr"):  # loss weightings (diffusion/loss_weighting.py)
+        if not getattr(args, flag) > 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be a finite number > 0, got {getattr(args, flag)}")
+    if args.ant_num_clusters < 1:
+        raise UsageError(f"--ant-num-clusters must be >= 1, got {args.ant_num_clusters}")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_command(main, build_parser(), parse_args)

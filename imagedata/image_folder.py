@@ -43,6 +43,49 @@ def load_rgb(path):
         raise BadImageError(path, err) from err
 
 
+JPEG_END, PNG_END = b"\xff\xd9", b"IEND"  # end-of-image marker / last chunk; a file cut short lacks them
+TAIL_BYTES = 4096                             # encoders may pad after the end marker; look this far back
+
+
+def image_file_problem(path):
+    """Why an image file cannot be decoded, or None; cheap: its size, first and last bytes.
+
+    Catches what copies and downloads leave behind (empty files, files cut short, other data under an image
+    name) without decoding: a whole dataset is checked in seconds to minutes before training. A file that
+    looks cut short is decoded to be sure (JPEGs may carry data after their end marker).
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return "empty file (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        f.seek(max(0, size - TAIL_BYTES))
+        tail = f.read()
+    if head.startswith(b"\xff\xd8"):
+        suspect = JPEG_END not in tail and "truncated JPEG (no end-of-image marker)"
+    elif head.startswith(b"\x89PNG"):
+        suspect = PNG_END not in tail and "truncated PNG (no IEND chunk)"
+    else:
+        suspect = "unrecognised or damaged image"  # other formats: let PIL judge
+    if not suspect:
+        return None
+    try:
+        load_rgb(path)
+        return None
+    except BadImageError:
+        return suspect
+
+
+def find_damaged_images(paths):
+    """[(path, reason)] for the image files image_file_problem rejects, in the order given."""
+    found = []
+    for path in paths:
+        problem = image_file_problem(path)
+        if problem is not None:
+            found.append((path, problem))
+    return found
+
+
 def _check_dir(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"data path does not exist: {path}")

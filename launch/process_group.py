@@ -13,6 +13,8 @@ import re
 import torch
 import torch.distributed as dist
 
+from launch.cli import UsageError, finite_float
+
 DEVICES = ("auto", "cuda", "cpu")
 DEFAULT_TIMEOUT_MINUTES = 30  # longest collective wait: ranks at a barrier while rank 0 writes a 7 GB checkpoint
 
@@ -22,7 +24,7 @@ def add_launch_arguments(parser):
     group = parser.add_argument_group("launch")
     group.add_argument("--device", type=str, choices=DEVICES, default="auto",
                        help="auto = cuda if a GPU is visible, else cpu; cuda makes a missing GPU an error")
-    group.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+    group.add_argument("--dist-timeout", type=finite_float, default=DEFAULT_TIMEOUT_MINUTES,
                        help="minutes a rank may wait in a collective (init, barriers) before the job fails")
     return group
 
@@ -55,9 +57,9 @@ def slurm_environment(environ):
 def resolve_device(device):
     """'auto' -> cuda if available else cpu; 'cuda' without a visible GPU is an error naming why."""
     if device not in DEVICES:
-        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+        raise UsageError(f"--device cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}, torch {torch.__version__} built "
                          f"with CUDA {torch.version.cuda})")
     if device == "auto":
@@ -68,7 +70,7 @@ def resolve_device(device):
 def setup_distributed(device="auto", timeout_minutes=DEFAULT_TIMEOUT_MINUTES):
     """(rank, world_size, device): join the torchrun or SLURM process group, or run as one process."""
     if not timeout_minutes > 0:
-        raise ValueError(f"--dist-timeout must be > 0 minutes, got {timeout_minutes}")
+        raise UsageError(f"--dist-timeout must be > 0 minutes, got {timeout_minutes}")
     kind = resolve_device(device)
     if "RANK" not in os.environ:
         slurm = slurm_environment(os.environ)

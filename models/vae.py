@@ -6,6 +6,8 @@ is actually loaded, so pixel-space training and sampling do not need it.
 """
 import torch
 
+from launch.cli import UsageError
+
 LATENT_SCALE = 0.18215       # SD VAE latent scale (LDM / official DiT: encode * 0.18215, decode(z / 0.18215))
 LATENT_DOWNSAMPLE = 8        # SD VAE: 256x256x3 -> 32x32x4
 VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}  # official DiT --vae
@@ -23,8 +25,9 @@ def load_vae(name_or_path, device):
     try:
         return AutoencoderKL.from_pretrained(vae_name(name_or_path)).to(device).eval()
     except OSError as error:
-        raise OSError(f"cannot load the VAE {name_or_path!r} (offline? pass --vae with a local path "
-                      f"holding a diffusers AutoencoderKL): {error}") from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot load the VAE {name_or_path!r} (offline? pass --vae with a local path "
+                         f"holding a diffusers AutoencoderKL): {first_line}") from None
 
 
 @torch.no_grad()

@@ -6,11 +6,14 @@ per rank instead, which ties the output to the world size). With the same batch 
 result is bitwise identical; across batch sizes it is identical up to the float rounding of the
 batched model forward.
 """
+import argparse
+
 import numpy as np
 import torch
 
 from diffusion import create_diffusion
 from diffusion.guidance import ClassifierFreeGuidance
+from launch.cli import UsageError
 from models.vae import LATENT_SCALE, decode, load_vae
 from storage.checkpoint import checkpoint_flags, load_checkpoint
 
@@ -51,6 +54,16 @@ class PerSampleNoise:
         return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in self.generators]).to(self.device)
 
 
+def check_sampling_flags(args):
+    """UsageError for sampling flags that cannot work, before the checkpoint is read (sample.py, sample_ddp.py)."""
+    if args.num_sampling_steps < 1:
+        raise UsageError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
+    if args.cfg_scale is not None and args.cfg_scale < 0:
+        # eps_u + s (eps_c - eps_u) with s < 0 steers away from the class: not classifier-free guidance
+        raise UsageError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), "
+                         f"got {args.cfg_scale}")
+
+
 def resolve_cfg_scale(cfg_scale, num_classes, default, class_dropout_prob=0.1):
     """CFG scale to use: `default` for conditional models, 1 (no guidance) for unconditional ones and for
     conditional ones without a null class (guided-diffusion's released ADM, trained without label dropout)."""
@@ -58,7 +71,7 @@ def resolve_cfg_scale(cfg_scale, num_classes, default, class_dropout_prob=0.1):
         if cfg_scale is not None and cfg_scale != 1.0:
             why = ("the model is unconditional (num_classes = 1)" if num_classes == 1 else
                    "the model has no null class (trained with class_dropout_prob = 0)")
-            raise ValueError(f"--cfg-scale {cfg_scale} given, but {why}: classifier-free guidance does not apply")
+            raise UsageError(f"--cfg-scale {cfg_scale} given, but {why}: classifier-free guidance does not apply")
         return 1.0
     return default if cfg_scale is None else cfg_scale
 
@@ -110,7 +123,11 @@ def load_for_sampling(args, device, default_cfg_scale):
 
 def parse_guide_channels(value):
     """--guide-channels: 'all' latent channels, or how many (3 = official DiT's legacy guidance)."""
-    return value if value == "all" else int(value)
+    if value == "all":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a number of channels >= 1, got {value!r}")
+    return int(value)
 
 
 @torch.no_grad()

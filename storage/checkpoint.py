@@ -19,11 +19,14 @@ A flag that disagrees with a setting stored in the checkpoint is an error naming
 """
 import argparse
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
 
-from models import ADM, DiT, build_from_config, create_model, family_of
+from launch.cli import UsageError, finite_float
+from models import ADM, DiT, ROUTING_KINDS, build_from_config, create_model, family_of
 from models.vae import LATENT_DOWNSAMPLE, LATENT_SCALE, vae_name
 from storage.atomic_file import atomic_write
 from storage.authors_checkpoint import carries_release_routing_tables, load_with_omegaconf_config, release_settings
@@ -85,10 +88,8 @@ def save_checkpoint(checkpoint, path):
 
 
 def read_training_checkpoint(path):
-    """A train.py checkpoint as saved (weights_only: no code runs on load)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A train.py checkpoint as saved (weights_only: no code runs on load); one-line UsageError if unreadable."""
+    return read_checkpoint(path)
 
 
 def check_resume_compatible(checkpoint, path, model_config, diffusion_config):
@@ -99,7 +100,7 @@ def check_resume_compatible(checkpoint, path, model_config, diffusion_config):
         diff = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
                 for k in keys if saved.get(k) != current.get(k) and k != "grad_checkpointing"]
         if diff:
-            raise ValueError(f"cannot resume {path}: its {label} config differs from this run's "
+            raise UsageError(f"cannot resume {path}: its {label} config differs from this run's "
                              f"({'; '.join(diff)})")
 
 
@@ -131,11 +132,45 @@ class SamplingSettings:
     step: int = -1                  # training step of the checkpoint, -1 if unknown
 
 
-def _read(path):
-    """torch.load with weights_only=True; admits argparse.Namespace (official DiT) and OmegaConf configs (the release)."""
+def read_checkpoint(path):
+    """torch.load(path, weights_only=True) on CPU, or a UsageError saying in one line why the file cannot be read.
+
+    Used by every loader (sample.py, sample_ddp.py, train.py --resume). Besides tensors and plain containers
+    it admits argparse.Namespace (official DiT) and OmegaConf configs (the DTR release) as inert data.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return load_with_omegaconf_config(path, extra_globals=[argparse.Namespace])
+        raise UsageError(f"checkpoint not found: {path}")
+    problem = _unreadable_reason(path)
+    if problem is not None:
+        raise UsageError(f"cannot read checkpoint {path}: {problem}")
+    try:
+        return load_with_omegaconf_config(path, extra_globals=[argparse.Namespace])
+    except pickle.UnpicklingError as error:
+        # torch suggests weights_only=False here, which would run whatever code the file carries
+        unsupported = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+        raise UsageError(f"cannot read checkpoint {path}: it holds Python objects that safe loading refuses "
+                         f"({unsupported[0] if unsupported else 'not a checkpoint file'})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot read checkpoint {path}: truncated or damaged ({first_line})") from None
+
+
+def _unreadable_reason(path):
+    """Why `path` cannot be a torch.save file, from its size, first bytes and zip directory; None if it may be one.
+
+    torch.save writes a zip archive whose directory sits at its end (zipfile.is_zipfile reads only that end:
+    cheap for a 7 GB file); files of torch < 1.6 are a pickle starting with protocol 2's b'\\x80\\x02'.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return "empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        return None if zipfile.is_zipfile(path) else f"truncated ({size:,} bytes, the end of the archive is missing)"
+    if head[:2] == b"\x80\x02":
+        return None  # the legacy format: torch.load says whether it is complete
+    return "not a checkpoint file (neither a torch.save archive nor a legacy torch pickle)"
 
 
 def _is_state_dict(obj):
@@ -149,13 +184,13 @@ def _resolve(name, stored, flag, source):
     if stored is None:
         return flag
     if flag is not None and flag != stored:
-        raise ValueError(f"--{name.replace('_', '-')} {flag} conflicts with the checkpoint's "
+        raise UsageError(f"--{name.replace('_', '-')} {flag} conflicts with the checkpoint's "
                          f"{name} {stored!r} ({source}); drop the flag or pick another checkpoint")
     return stored
 
 
 def check_state_dict_fits(model, state_dict, model_name):
-    """Raise a ValueError naming missing/unexpected keys and shape mismatches before loading."""
+    """Raise a UsageError (one line) naming missing/unexpected keys and shape mismatches before loading."""
     expected = model.state_dict()
     # The DTR authors' checkpoints carry their masks; the model itself checks those on load.
     given = {k: v for k, v in state_dict.items() if "routing._unit_mapping" not in k}
@@ -164,22 +199,22 @@ def check_state_dict_fits(model, state_dict, model_name):
     shapes = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in given and given[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
-        lines = [f"checkpoint does not fit {model_name}:"]
+        parts = []
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:5])}")
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:5])}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:5])}")
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:5])}")
         if shapes:
-            lines.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:5]))
-        lines.append("  (wrong --model / --image-size / --num-classes, or a checkpoint of another model?)")
-        raise ValueError("\n".join(lines))
+            parts.append(f"shape mismatches ({len(shapes)}): " + "; ".join(shapes[:5]))
+        parts.append("wrong --model / --image-size / --num-classes, or a checkpoint of another model?")
+        raise UsageError(f"checkpoint does not fit {model_name}: {'; '.join(parts)}")
 
 
 def _pick_weights(ckpt, use_model_weights, path):
     """EMA weights by default (official DiT samples EMA); raw training weights on request."""
     key = "model" if use_model_weights else "ema"
     if key not in ckpt:
-        raise ValueError(f"{path} has no {key!r} weights (keys: {sorted(ckpt)})")
+        raise UsageError(f"{path} has no {key!r} weights (keys: {sorted(ckpt)})")
     return ckpt[key], key
 
 
@@ -199,7 +234,7 @@ def _load_ours(ckpt, flags, use_model_weights, path):
     vae = ckpt.get("vae", "none")
     if flags.get("vae") is not None:
         if (vae == "none") != (flags["vae"] == "none"):
-            raise ValueError(f"--vae {flags['vae']} conflicts with the checkpoint's vae {vae!r} ({path}): "
+            raise UsageError(f"--vae {flags['vae']} conflicts with the checkpoint's vae {vae!r} ({path}): "
                              f"a {'pixel' if vae == 'none' else 'latent'}-space model")
         vae = flags["vae"]  # another copy of the same VAE (e.g. a local path on an offline cluster)
     image_size = ckpt.get("image_size") or config["input_size"] * (1 if vae == "none" else LATENT_DOWNSAMPLE)
@@ -225,11 +260,11 @@ def _load_official(state_dict, args, flags, weights, path):
     vae = flags.get("vae") or (getattr(args, "vae", None) if args else None) or defaults["vae"]
     pixel_space = defaults["vae"] == "none"
     if (vae == "none") != pixel_space:
-        raise ValueError(f"--vae {vae} does not fit {path}: {name} checkpoints are "
+        raise UsageError(f"--vae {vae} does not fit {path}: {name} checkpoints are "
                          f"{'pixel' if pixel_space else 'latent'}-space models")
     downsample = 1 if pixel_space else LATENT_DOWNSAMPLE
     if value["image_size"] % downsample != 0:
-        raise ValueError(f"--image-size {value['image_size']} must be divisible by {downsample}")
+        raise UsageError(f"--image-size {value['image_size']} must be divisible by {downsample}")
     model = create_model(name, input_size=value["image_size"] // downsample, num_classes=value["num_classes"],
                          routing=value["routing"], alpha=value["alpha"], beta=value["beta"],
                          routing_seed=value["routing_seed"], **label_layout(family, state_dict, value["num_classes"]))
@@ -253,7 +288,7 @@ def load_checkpoint(path, flags=None, use_model_weights=False):
     flags: {name: value or None} for SETTING_FLAGS and "vae"; None means "not given on the command line".
     """
     flags = dict(flags or {})
-    ckpt = _read(path)
+    ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and "model_config" in ckpt:
         model, state_dict, settings = _load_ours(ckpt, flags, use_model_weights, path)
     elif isinstance(ckpt, dict) and ("ema" in ckpt or "model" in ckpt) and not _is_state_dict(ckpt):
@@ -268,7 +303,7 @@ def load_checkpoint(path, flags=None, use_model_weights=False):
         model, state_dict, settings = _load_official(ckpt, None, flags, "state_dict", path)
     else:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: not a DiT or ADM checkpoint (top level: {keys})")
+        raise UsageError(f"{path}: not a DiT or ADM checkpoint (top level: {keys})")
     check_state_dict_fits(model, state_dict, settings.model_name)
     model.load_state_dict(state_dict, strict=True)
     return model.eval(), settings
@@ -285,9 +320,10 @@ def add_checkpoint_arguments(parser):
                         help="zoo name, e.g. DiT-XL/2 or ADM-ImageNet64 (raw state_dicts; else from the checkpoint)")
     parser.add_argument("--image-size", type=int, default=None, help="pixels; official default 256")
     parser.add_argument("--num-classes", type=int, default=None, help="official default 1000")
-    parser.add_argument("--routing", type=str, default=None, help="none, dtr, rtr, ... (raw state_dicts)")
-    parser.add_argument("--alpha", type=float, default=None)
-    parser.add_argument("--beta", type=float, default=None)
+    parser.add_argument("--routing", type=str, default=None, choices=ROUTING_KINDS,
+                        help="none, dtr, dtr-paper, random (R-TR), cdtr or ercdt (raw state_dicts; else from the file)")
+    parser.add_argument("--alpha", type=finite_float, default=None)
+    parser.add_argument("--beta", type=finite_float, default=None)
     parser.add_argument("--routing-seed", type=int, default=None)
     parser.add_argument("--noise-schedule", type=str, default=None, help="linear (official DiT) or squaredcos_cap_v2 = cosine")
     parser.add_argument("--vae", type=str, default=None,

@@ -30,7 +30,7 @@ TOY = textwrap.dedent("""
         rank, world_size, _ = setup_distributed()
         check_on_every_rank(lambda: make_output_dir(args.out, "--out") if rank == args.writer else None)
         dist.barrier() if world_size > 1 else None  # every rank would wait here if one had left
-        print("done", rank)
+        sys.stdout.write(f"done {rank}\\n")  # one write: the two ranks share the pipe
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=finite_float, default=1.0)
@@ -107,7 +107,7 @@ def test_under_torchrun_every_rank_exits_2_with_one_line_when_one_rank_fails(tmp
     assert error_lines(result.stderr).count("toy.py: error: --scale must be >= 0, got -2.0") == 1
     assert result.stderr.count("exitcode  : 2 (pid") == 2 and "UsageError" not in result.stderr  # no traceback
     result = toy(tmp_path, "--out", str(tmp_path / "fine"), nproc=2)
-    assert result.returncode == 0 and sorted(result.stdout.split("\n")[:2]) == ["done 0", "done 1"]
+    assert result.returncode == 0 and sorted(result.stdout.splitlines()) == ["done 0", "done 1"]
 
 
 #################################################################################

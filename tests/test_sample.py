@@ -1,5 +1,7 @@
 """sample.py: grid layout and labels, agreement with sample_ddp.py, settings from the checkpoint, bad input."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from PIL import Image
 
 import sample
 import sample_ddp
+from launch.cli import UsageError
 from models import DiT
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2)
@@ -93,6 +96,40 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     uncond = save_tiny(tmp_path / "u.pt", num_classes=1)
     with pytest.raises(ValueError, match="--cfg-scale 4.0 given, but the model is unconditional"):
         draw(uncond, tmp_path / "x.png", "--cfg-scale", "4")
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(UsageError, match="checkpoint not found"):
         draw(str(tmp_path / "nope.pt"), tmp_path / "x.png")
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def sample_cli(script, *argv):
+    """sample.py / sample_ddp.py as a user runs them; returns the CompletedProcess."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, os.path.join(root, script), *map(str, argv)], capture_output=True,
+                          text=True, env=env, timeout=240)
+
+
+def test_cfg_scale_nan_or_negative_exits_2_in_both_samplers_and_writes_nothing(tmp_path):
+    ckpt = save_tiny(tmp_path / "c.pt")
+    for script, out_flags in (("sample.py", ["--out", tmp_path / "out" / "x.png"]),
+                              ("sample_ddp.py", ["--sample-dir", tmp_path / "out"])):
+        result = sample_cli(script, "--ckpt", ckpt, *out_flags, "--cfg-scale", "nan")  # used to give black images
+        assert result.returncode == 2
+        assert f"{script}: error: argument --cfg-scale: expected a finite number, got 'nan'" in result.stderr
+        result = sample_cli(script, "--ckpt", ckpt, *out_flags, "--cfg-scale", "-1")
+        assert result.returncode == 2 and result.stderr == (
+            f"{script}: error: --cfg-scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), "
+            "got -1.0\n")
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_corrupt_checkpoint_is_one_line_naming_it(tmp_path, damage):
+    ckpt = save_tiny(tmp_path / "c.pt")
+    whole = open(ckpt, "rb").read()
+    with open(ckpt, "wb") as f:
+        f.write({"empty": b"", "truncated": whole[:1000], "garbage": b"\x00\x01garbage" * 100}[damage])
+    reason = {"empty": "empty", "truncated": "truncated", "garbage": "not a checkpoint file"}[damage]
+    with pytest.raises(UsageError, match=f"^cannot read checkpoint {ckpt}: {reason}"):
+        draw(ckpt, tmp_path / "x.png")
     assert not os.path.exists(tmp_path / "x.png")

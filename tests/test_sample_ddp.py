@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sample_ddp
+from launch.cli import UsageError
 from diffusion import ClassifierFreeGuidance, create_diffusion
 from storage.checkpoint import load_checkpoint
 from models import DiT, create_model
@@ -199,10 +200,10 @@ def test_ema_weights_by_default_and_raw_weights_on_request(tmp_path):
 
 
 def test_bad_inputs_give_clear_errors(ckpt, tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*missing.pt"):
+    with pytest.raises(UsageError, match="checkpoint not found: .*missing.pt"):
         load_checkpoint(str(tmp_path / "missing.pt"))
     torch.save(tiny_model().state_dict(), tmp_path / "tiny_raw.pt")
-    with pytest.raises(ValueError, match=r"(?s)does not fit DiT-S/2.*shape mismatches.*x_embedder.proj.weight"):
+    with pytest.raises(UsageError, match=r"^checkpoint does not fit DiT-S/2: .*shape mismatches.*x_embedder.proj.weight"):
         load_checkpoint(str(tmp_path / "tiny_raw.pt"), {"model": "DiT-S/2", "image_size": 64})
     with pytest.raises(ValueError, match="--num-classes 5 conflicts with the checkpoint's num_classes 10"):
         load_checkpoint(ckpt, {"num_classes": 5})

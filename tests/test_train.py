@@ -3,6 +3,7 @@ import glob
 import json
 import io
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 import train
+from launch.cli import UsageError
 from models import ROUTING_KINDS, build_from_config, model_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,18 +211,20 @@ def test_bad_inputs_fail_before_training_with_clear_errors(tmp_path, images):
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
-        (["--data-path", tmp_path / "missing"], FileNotFoundError, "--data-path does not exist"),
-        (["--data-path", empty], FileNotFoundError, "--data-path is empty"),
-        (["--data-path", images, "--alpha", "0"], ValueError, "--alpha must be a finite number > 0"),
-        (["--data-path", images, "--beta", "1.5"], ValueError, r"--beta must lie in \(0, 1\]"),
-        (["--data-path", images, "--image-size", "9"], ValueError, "input_size 9 is not divisible by patch_size 2"),
-        (["--data-path", images, "--global-batch-size", "32"], ValueError, "fewer than --global-batch-size"),
-        (["--data-path", images, "--num-classes", "1"], ValueError, "2 classes but --num-classes is 1"),
-        (["--data-path", images, "--model-arg", "hiden_size=64"], ValueError, r"DiT-S/2 \(DiT\) has no argument hiden_size"),
-        (["--data-path", images, "--model-arg", "routing=dtr"], ValueError, "routing=... is set by --routing"),
+        (["--data-path", tmp_path / "missing"], "--data-path does not exist"),
+        (["--data-path", empty], "--data-path is empty"),
+        (["--data-path", images, "--alpha", "0"], "--alpha must be a finite number > 0"),
+        (["--data-path", images, "--beta", "1.5"], r"--beta must lie in \(0, 1\]"),
+        (["--data-path", images, "--image-size", "9"], "input_size 9 is not divisible by patch_size 2"),
+        (["--data-path", images, "--global-batch-size", "32"], "fewer than --global-batch-size"),
+        (["--data-path", images, "--num-classes", "1"], "2 classes but --num-classes is 1"),
+        (["--data-path", images, "--model-arg", "hiden_size=64"], r"DiT-S/2 \(DiT\) has no argument hiden_size"),
+        (["--data-path", images, "--model-arg", "routing=dtr"], "routing=... is set by --routing"),
+        (["--data-path", images, "--snr-gamma", "0"], "--snr-gamma must be a finite number > 0, got 0.0"),
+        (["--config", tmp_path / "nowhere.yaml"], "--config .*nowhere.yaml: No such file or directory"),
     ]
-    for argv, error, message in cases:
-        with pytest.raises(error, match=message):
+    for argv, message in cases:
+        with pytest.raises(UsageError, match=message):
             run("--results-dir", tmp_path / "results", *argv)
     assert not os.path.exists(tmp_path / "results")  # nothing written for any of them
     for flag, value in (("--model", "DiT-M/2"), ("--routing", "sliding"), ("--model-arg", "depth")):
@@ -232,6 +236,57 @@ def test_bad_inputs_fail_before_training_with_clear_errors(tmp_path, images):
         train.validate_args(args)
     with pytest.raises(ValueError, match="not divisible by the world size 3"):
         train.train(train.parse_args(["--config", TINY, "--data-path", images]), 0, 3, torch.device("cpu"))
+
+
+def train_cli(*argv, cwd=ROOT):
+    """train.py as a user runs it; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, *map(str, argv)],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=240)
+
+
+def test_command_line_mistakes_exit_2_with_one_line_and_write_nothing(tmp_path, images):
+    results = tmp_path / "results"
+    result = train_cli("--data-path", images, "--results-dir", results, "--alpha", "0")
+    assert (result.returncode, result.stderr) == (2, "train.py: error: --alpha must be a finite number > 0, got 0.0\n")
+    result = train_cli("--data-path", images, "--results-dir", results, "--lr=nan")  # argparse's own error
+    assert result.returncode == 2 and "train.py: error: argument --lr: expected a finite number, got 'nan'" in result.stderr
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = train_cli("--data-path", images, "--results-dir", blocker / "results")
+    assert result.returncode == 2
+    assert result.stderr == f"train.py: error: --results-dir {blocker}/results cannot be created: Not a directory\n"
+    assert not os.path.exists(results)
+
+
+def test_damaged_images_stop_training_before_it_starts_and_name_the_files(tmp_path, images):
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    whole = (data / "a" / "0.png").read_bytes()
+    (data / "a" / "0.png").write_bytes(b"")                 # a copy that never finished
+    (data / "b" / "3.png").write_bytes(whole[: len(whole) // 2])  # cut short
+    with pytest.raises(UsageError, match=rf"--data-path holds 2 unreadable image\(s\): {data}/a/0.png \(empty file "
+                                         rf"\(0 bytes\)\); {data}/b/3.png \(truncated PNG \(no IEND chunk\)\)"):
+        run("--data-path", data, "--results-dir", tmp_path / "results")
+    assert not os.path.exists(tmp_path / "results")
+    # a whole image passes (so the check cannot simply reject everything)
+    from imagedata.image_folder import image_file_problem
+    assert image_file_problem(str(data / "a" / "1.png")) is None
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_resume_from_a_corrupt_checkpoint_is_one_line_naming_it(tmp_path, images, damage):
+    exp = run("--data-path", images, "--results-dir", tmp_path, "--max-steps", 1)
+    path = f"{exp}/checkpoints/0000001.pt"
+    whole = open(path, "rb").read()
+    damaged = {"empty": b"", "truncated": whole[: len(whole) // 2], "garbage": b"<html>not found</html>" * 100}[damage]
+    with open(path, "wb") as f:
+        f.write(damaged)
+    reason = {"empty": r"empty \(0 bytes\)", "truncated": r"truncated \([\d,]+ bytes, the end of the archive is missing\)",
+              "garbage": r"not a checkpoint file"}[damage]
+    with pytest.raises(UsageError, match=rf"^cannot read checkpoint {path}: {reason}"):
+        run("--data-path", images, "--results-dir", tmp_path, "--max-steps", 2, "--resume", path)
+    assert ckpts(exp) == ["0000001.pt"]
 
 
 #################################################################################
