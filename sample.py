@@ -1,10 +1,11 @@
-"""Draw a grid of samples from a trained DiT / DTR checkpoint into one PNG (SPEC 6).
+"""Draw a grid of samples from a trained DiT or ADM checkpoint (with or without DTR) into one PNG (SPEC 6).
 
     python sample.py --ckpt results/000-DiT-L-2/checkpoints/0400000.pt --class-labels 207 360 --samples-per-class 4
+    python sample.py --ckpt results/001-ADM-ImageNet64/checkpoints/0400000.pt   # any backbone, no model flags
     python sample.py --ckpt DiT-XL-2-256x256.pt                     # official weights, official defaults
 
 Model, routing and diffusion settings come from the checkpoint; raw state_dicts are built from the
-flags with official DiT's defaults. Image i of the grid depends only on --seed and i (see
+flags with official DiT's defaults (guided-diffusion's for --model ADM-*). Image i of the grid depends only on --seed and i (see
 sampling/seeded.py), so it matches sample i of sample_ddp.py for the same labels and settings.
 """
 import argparse

@@ -1,9 +1,13 @@
 """
-Train a DiT, optionally with Denoising Task Routing, using PyTorch DDP (Park et al., ICLR 2024, Sec. 5, App. C).
+Train a DiT or ADM, optionally with Denoising Task Routing, using PyTorch DDP (Park et al., ICLR 2024, Sec. 5, App. C).
 
     torchrun --nnodes=1 --nproc_per_node=8 train.py --feature-path features/imagenet256 --model DiT-L/2 --routing dtr
     python train.py --config configs/table1/imagenet256_dit_l2_dtr.yaml --feature-path features/imagenet256
+    torchrun --nproc_per_node=8 train.py --config configs/table1/ffhq64_adm_dtr.yaml --data-path data/ffhq  # ADM, pixels
     python train.py --config configs/tiny_fashion_mnist.yaml   # small CPU run in pixel space
+
+--model takes every zoo name of models.create_model (DiT-S/2 ... DiT-XL/8, ADM-ImageNet64, ADM-FFHQ64);
+--model-arg KEY=VALUE (or a config's model_args: mapping) overrides any constructor argument.
 
 Defaults are the paper's setting: AdamW lr 1e-4 without weight decay, EMA 0.9999, random horizontal flip,
 cosine schedule over 1000 steps, learned sigma. Runs under torchrun (nccl on GPU, gloo on CPU) or as a plain
@@ -47,10 +51,12 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from diffusion import WEIGHTINGS, create_diffusion
+from imagedata import KINDS as DATA_KINDS
 from imagedata import ImageFileDataset, build_dataset
 from imagedata.image_folder import find_damaged_images
 from imagedata.latents import sample_posterior
 from launch.cli import UsageError, check_on_every_rank, finite_float, make_output_dir, run_command
+from launch.model_args import add_model_arg
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
 from launch.process_group import add_launch_arguments, cleanup_distributed, describe_distributed, setup_distributed
 from models import ROUTING_KINDS, check_overrides, create_model, model_names
@@ -164,7 +170,10 @@ def build_training_state(args, dataset, device):
     """(TrainingState at step 0, diffusion): model, its EMA, AdamW, loss weighting; the same on every rank."""
     input_size, in_channels = check_data_fits_model(args, dataset)
     torch.manual_seed(args.global_seed)  # same init on every rank and any world size
-    model = build_model(args, input_size, in_channels, args.num_classes).to(device)  # the model checks its shape
+    try:  # the constructor checks the shape: data size, --model-arg values
+        model = build_model(args, input_size, in_channels, args.num_classes).to(device)
+    except ValueError as error:
+        raise UsageError(f"--model {args.model} does not build with these settings: {error}") from None
     ema = copy.deepcopy(model).to(device)  # EMA starts as a copy of the model (official DiT)
     requires_grad(ema, False)
     diffusion_config = diffusion_config_of(args)
@@ -410,6 +419,9 @@ def build_parser():
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", type=str, default=None, help="image folders, flat folder or Fashion-MNIST IDX")
     data.add_argument("--feature-path", type=str, default=None, help="latents written by extract_features.py")
+    data.add_argument("--data-kind", type=str, choices=DATA_KINDS, default="auto",
+                      help="how --data-path is laid out; auto-detected, but FFHQ's nested 00000/... folders need "
+                           "flat (one unconditional class), ImageNet's class folders are imagefolder")
     data.add_argument("--image-size", type=int, default=256)
     data.add_argument("--num-classes", type=int, default=1000, help="1 = unconditional (FFHQ)")
     data.add_argument("--vae", type=str, default="ema",
@@ -419,10 +431,8 @@ def build_parser():
     data.add_argument("--num-workers", type=int, default=4)
     model = parser.add_argument_group("model")
     model.add_argument("--model", type=str, choices=model_names(), default="DiT-XL/2")
-    model.add_argument("--model-arg", dest="model_args", type=parse_model_arg, action=ModelArgAction, default=None,
-                       metavar="KEY=VALUE",
-                       help="override a constructor argument of --model, e.g. hidden_size=64 or channel_mult=[1,2] "
-                            "(repeatable; VALUE is read as YAML; in a config: a model_args mapping)")
+    add_model_arg(model, help="override a constructor argument of --model, e.g. hidden_size=64 or channel_mult=[1,2] "
+                              "(repeatable; VALUE is read as YAML; in a config: a model_args mapping)")
     model.add_argument("--routing", type=str, choices=ROUTING_KINDS, default="none",
                        help="none = vanilla; dtr = DTR (Sec. 4, as the authors' code); dtr-paper = Eq. 4 as printed; "
                             "random = R-TR (Sec. 4.2); cdtr, ercdt = the clustered variants of App. F")
@@ -468,26 +478,6 @@ def build_parser():
                        help="every N steps, a 4x4 grid of EMA samples (DDIM-50) in <run>/samples/<step>.png")
     add_launch_arguments(parser)
     return parser
-
-
-def parse_model_arg(text):
-    """--model-arg KEY=VALUE -> (key, value), VALUE read as YAML: 64, 0.5, true, [1, 2, 2], dtr."""
-    key, sep, value = text.partition("=")
-    key = key.strip().replace("-", "_")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. hidden_size=64), got {text!r}")
-    try:
-        return key, yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise argparse.ArgumentTypeError(f"cannot read the value of {text!r} (YAML: 64, 0.5, true, [1, 2])") from None
-
-
-class ModelArgAction(argparse.Action):
-    """Repeatable --model-arg KEY=VALUE collected into one {KEY: VALUE} mapping, a later KEY winning."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        key, value = values
-        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), key: value})
 
 
 def config_to_argv(parser, path):
@@ -543,7 +533,7 @@ def open_dataset(args, rank, world_size):
     """
     try:
         dataset = build_dataset(data_path=args.data_path, feature_path=args.feature_path,
-                                image_size=args.image_size, flip=True, seed=args.global_seed)
+                                image_size=args.image_size, kind=args.data_kind, flip=True, seed=args.global_seed)
     except (OSError, ValueError) as error:  # no dataset kind recognised, an empty class folder, a bad manifest
         flag = "--feature-path" if args.feature_path is not None else "--data-path"
         raise UsageError(f"{flag}: {error}") from None

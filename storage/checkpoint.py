@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from launch.cli import UsageError, finite_float
+from launch.model_args import add_model_arg
 from models import ADM, DiT, ROUTING_KINDS, build_from_config, create_model, family_of
 from models.vae import LATENT_DOWNSAMPLE, LATENT_SCALE, vae_name
 from storage.atomic_file import atomic_write
@@ -229,6 +230,10 @@ def _load_ours(ckpt, flags, use_model_weights, path):
               "noise_schedule": diffusion_config.get("noise_schedule", "linear")}
     for key in SETTING_FLAGS:
         _resolve(key, stored[key], flags.get(key), path)
+    for key, value in (flags.get("model_args") or {}).items():
+        if config.get(key) != value:
+            raise UsageError(f"--model-arg {key}={value} conflicts with the checkpoint's {key} {config.get(key)!r} "
+                             f"({path}); drop the flag: the checkpoint stores its model's full config")
     model = build_from_config({"model": name, **config}, grad_checkpointing=False)
     state_dict, which = _pick_weights(ckpt, use_model_weights, path)
     vae = ckpt.get("vae", "none")
@@ -265,9 +270,13 @@ def _load_official(state_dict, args, flags, weights, path):
     downsample = 1 if pixel_space else LATENT_DOWNSAMPLE
     if value["image_size"] % downsample != 0:
         raise UsageError(f"--image-size {value['image_size']} must be divisible by {downsample}")
-    model = create_model(name, input_size=value["image_size"] // downsample, num_classes=value["num_classes"],
-                         routing=value["routing"], alpha=value["alpha"], beta=value["beta"],
-                         routing_seed=value["routing_seed"], **label_layout(family, state_dict, value["num_classes"]))
+    overrides = {**label_layout(family, state_dict, value["num_classes"]), **(flags.get("model_args") or {})}
+    try:  # unknown or impossible --model-arg values, sizes the model cannot take
+        model = create_model(name, **overrides, input_size=value["image_size"] // downsample,
+                             num_classes=value["num_classes"], routing=value["routing"], alpha=value["alpha"],
+                             beta=value["beta"], routing_seed=value["routing_seed"])
+    except ValueError as error:
+        raise UsageError(f"--model {name} does not build with these settings: {error}") from None
     diffusion_config = {"noise_schedule": value["noise_schedule"], "learn_sigma": model.learn_sigma}
     settings = SamplingSettings(model_name=name, image_size=value["image_size"], vae=vae_name(vae),
                                 latent_scale=LATENT_SCALE, diffusion_config=diffusion_config, weights=weights)
@@ -285,7 +294,8 @@ def label_layout(family, state_dict, num_classes):
 def load_checkpoint(path, flags=None, use_model_weights=False):
     """Build the model a checkpoint describes, load its (EMA) weights, return (model.eval(), settings).
 
-    flags: {name: value or None} for SETTING_FLAGS and "vae"; None means "not given on the command line".
+    flags: {name: value or None} for SETTING_FLAGS, "vae" and "model_args" ({constructor argument: value},
+    overrides for raw files); None means "not given on the command line".
     """
     flags = dict(flags or {})
     ckpt = read_checkpoint(path)
@@ -328,9 +338,11 @@ def add_checkpoint_arguments(parser):
     parser.add_argument("--noise-schedule", type=str, default=None, help="linear (official DiT) or squaredcos_cap_v2 = cosine")
     parser.add_argument("--vae", type=str, default=None,
                         help="ema, mse, a diffusers name or a local path; 'none' for pixel-space models")
+    add_model_arg(parser, help="constructor override of --model for raw state_dicts (repeatable), e.g. "
+                               "model_channels=128; for our checkpoints it must agree with the stored config")
     return parser
 
 
 def checkpoint_flags(args):
     """The {name: value} dict load_checkpoint takes, from parsed arguments."""
-    return {k: getattr(args, k) for k in SETTING_FLAGS + ("vae",)}
+    return {k: getattr(args, k) for k in SETTING_FLAGS + ("vae", "model_args")}
