@@ -256,7 +256,10 @@ def _load_official(state_dict, args, flags, weights, path):
     stored = {k: getattr(args, k, None) for k in SETTING_FLAGS} if args else {}
     value = {k: _resolve(k, stored.get(k), flags.get(k), path) for k in SETTING_FLAGS}
     name = value["model"] or OFFICIAL_DEFAULTS["model"]
-    family = family_of(name)
+    try:
+        family = family_of(name)
+    except ValueError as error:
+        raise UsageError(f"--model: {error}") from None
     defaults = {**OFFICIAL_DEFAULTS, "num_classes": family.presets[name].get("num_classes", 1000),
                 **RAW_STATE_DICT_DEFAULTS[family.constructor], "model": name}
     if carries_release_routing_tables(state_dict):
