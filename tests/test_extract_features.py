@@ -81,6 +81,10 @@ def test_latents_equal_direct_encoding_of_image_and_its_flip(tmp_path, tiny_vae)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (12, 3, 16, 16)
     with torch.no_grad():
         plain, plain_flip = vae.encode(x).latent_dist, vae.encode(x.flip(-1)).latent_dist
+    # One batch of 12 here, extract_features' batches of 4 and 1 with their flips there: fp32 blockings differ.
+    # This VAE's fp32 rounding is <= 2e-7 at |latent| <= 0.22 (its gap to a float64 encode, AVX2 and AVX-512),
+    # so two batchings agree to 4e-7 and atol=1e-5 has 25x margin (std = exp(logvar / 2): relative error of
+    # the same size, far inside rtol=1e-4); a wrong flip axis, scale or pixel range moves latents by > 1e-3.
     assert torch.allclose(torch.from_numpy(latents[:, 0]), plain.mean * SCALE, atol=1e-5)
     assert torch.allclose(torch.from_numpy(latents[:, 1]), plain_flip.mean * SCALE, atol=1e-5)
     assert not torch.allclose(plain.mean, plain_flip.mean, atol=1e-3)
@@ -153,6 +157,7 @@ def test_two_process_torchrun_matches_one_process_and_latent_dataset_reads_both_
     m2, lat2, lab2 = load_all(multi)
     std2 = load_all(multi, "stds")[1]
     assert m2["count"] == m1["count"] == 12 and len(m2["shards"]) == 4
+    # batches of 3 here, of 2 and 1 on the ranks: fp32 rounding only, <= 4e-7 (see the test above)
     assert np.allclose(lat1, lat2, atol=1e-5) and np.array_equal(lab1, lab2)
     ranks = [json.load(open(multi / f"shard-{k:05d}.json"))["rank"] for k in range(4)]
     assert ranks == [0, 1, 0, 1]  # each shard written by exactly its own rank, none overwritten

@@ -12,6 +12,7 @@ import torch
 
 import train
 from launch.preemption import PreemptionFlag
+from float_comparison import intra_op_threads
 from test_train import TINY, images, load  # noqa: F401  (the module-scoped image folder fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,8 +90,9 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_auto_is_bitwise
     assert [m["step"] for m in metrics(tmp_path / "job")] == list(range(1, stopped_at + 1))  # whole steps only
 
     flags = common[2:] + ["--max-steps", stopped_at + 3]
-    resumed = run(*flags, "--exp-name", "job", "--resume", "auto")  # the requeued job: same command line
-    straight = run(*flags, "--exp-name", "straight")
+    with intra_op_threads(1):  # the stopped steps ran with OMP_NUM_THREADS=1: bitwise needs the same threads
+        resumed = run(*flags, "--exp-name", "job", "--resume", "auto")  # the requeued job: same command line
+        straight = run(*flags, "--exp-name", "straight")
     a = load(f"{resumed}/checkpoints/{stopped_at + 3:07d}.pt")
     assert_same_state(a, load(f"{straight}/checkpoints/{stopped_at + 3:07d}.pt"))
     assert [m["loss"] for m in metrics(resumed)] == [m["loss"] for m in metrics(straight)]
