@@ -64,7 +64,8 @@ def test_unconditional_grid_tiles_equal_sample_ddp_samples(tmp_path):
     (npz,) = [f for f in os.listdir(tmp_path) if f.endswith(".npz")]
     with np.load(tmp_path / npz) as f:
         images = f["arr_0"]
-    # image i depends only on (seed, i): the grid's 2x2 tiles are sample_ddp's samples 0..3
+    # image i depends only on (seed, i): the grid's 2x2 tiles are sample_ddp's samples 0..3, bitwise since both
+    # run the 4 samples as one batch on the same threads
     for i in range(4):
         np.testing.assert_array_equal(tile(grid, i // 2, i % 2), images[i, ..., 0])
 

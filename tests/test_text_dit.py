@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from diffusion.guidance import ClassifierFreeGuidance
+from float_comparison import scale_one_guidance_bound
 from models import create_model
 from models.dit import DiT_models
 from models.text_dit import TextDiT, create_text_model
@@ -151,21 +152,16 @@ def doubled_forward(model, x, t, context, mask=None):
     return both[: len(x)], both[len(x):]
 
 
-def fp32_bound_at_scale_one(cond, uncond):
-    """uncond + 1 * (cond - uncond) rounds twice in fp32: at most eps * (|cond| + |uncond|) from cond."""
-    return 2 * torch.finfo(torch.float32).eps * (cond.abs() + uncond.abs()).max().item()
-
-
 def test_cfg_wrapper_at_scale_one_equals_the_conditional_model():
     x, t, context, mask = inputs()
     model = randomize(TextDiT(**TINY, routing="dtr"))
     cond, uncond = doubled_forward(model, x, t, context, mask)
     guided = ClassifierFreeGuidance(model, 1.0, uncond_kwargs=model.null_condition(with_mask=True))
     torch.testing.assert_close(guided(x, t, context=context, context_mask=mask), cond,
-                               rtol=0, atol=fp32_bound_at_scale_one(cond, uncond))
+                               rtol=0, atol=scale_one_guidance_bound(cond, uncond))
     cond, uncond = doubled_forward(model, x, t, context)
     guided = ClassifierFreeGuidance(model, 1.0, uncond_kwargs={"context": model.null_context.detach()})
-    torch.testing.assert_close(guided(x, t, context=context), cond, rtol=0, atol=fp32_bound_at_scale_one(cond, uncond))
+    torch.testing.assert_close(guided(x, t, context=context), cond, rtol=0, atol=scale_one_guidance_bound(cond, uncond))
 
 
 def test_cfg_wrapper_extrapolates_from_the_null_caption():
