@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from imagedata import BadImageError, ImageFileDataset, build_dataset
 from imagedata.latents import read_shard_record, shard_is_finished, write_manifest, write_shard
+from launch.cli import UsageError, check_on_every_rank, make_output_dir, run_command
 from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
-from models.vae import LATENT_SCALE, encode_with_flip, vae_name
+from models.vae import LATENT_SCALE, encode_with_flip, load_vae, vae_name
 
 
 #################################################################################
@@ -65,17 +66,28 @@ def shard_range(k, shard_size, n):
 def main(args):
     """Encode every image of --data-path and its flip; write this rank's shards, then rank 0 the manifest."""
     torch.manual_seed(args.global_seed)  # outputs are posterior moments, so they do not depend on it
+    for flag in ("shard_size", "batch_size", "image_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     rank, world_size, device = setup_distributed(args.device, args.dist_timeout)
     if rank == 0:
         print(describe_distributed(world_size, device))
-    images = build_dataset(data_path=args.data_path, image_size=args.image_size, kind=args.kind, flip=False,
-                           captions=getattr(args, "captions", None))
+    try:
+        images = build_dataset(data_path=args.data_path, image_size=args.image_size, kind=args.kind, flip=False,
+                               captions=getattr(args, "captions", None))
+    except (OSError, ValueError) as error:  # a missing or empty folder, no images, unreadable captions
+        raise UsageError(f"--data-path: {error}") from None
     if not isinstance(images, ImageFileDataset):
-        raise SystemExit(f"extract_features.py encodes RGB image folders (kind imagefolder, flat or coco); "
+        raise UsageError(f"extract_features.py encodes RGB image folders (kind imagefolder, flat or coco); "
                          f"{args.data_path} is a {type(images).__name__}")
-    if args.shard_size <= 0 or args.batch_size <= 0:
-        raise SystemExit("--shard-size and --batch-size must be positive")
-    os.makedirs(args.features_path, exist_ok=True)
+    # The VAE before anything is written: offline without its weights is a one-line error, not an empty folder
+    vae = check_on_every_rank(load_vae, args.vae, device)
+    down = 2 ** (len(vae.config.block_out_channels) - 1)  # the encoder halves the size at each extra level
+    if args.image_size % down:
+        raise UsageError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {down}")
+    latent_shape = [vae.config.latent_channels, args.image_size // down, args.image_size // down]
     n = len(images)
     num_shards = math.ceil(n / args.shard_size)
     vae_path = vae_name(args.vae)
@@ -84,24 +96,22 @@ def main(args):
                   "data_path": os.path.abspath(args.data_path), "latent_stat": args.latent_stat}
 
     # Resume: skip finished shards, but only if they came from the same run configuration.
-    mine, done = [], 0
-    for k in range(rank, num_shards, world_size):
-        # the record comes last (after the stds too), and names the run's latent_stat in its config
-        if shard_is_finished(args.features_path, k):
-            if read_shard_record(args.features_path, k).get("config") != run_config:
-                raise SystemExit(f"shard {k} in {args.features_path} was written with a different configuration; "
+    def unfinished_shards():
+        mine = []
+        for k in range(rank, num_shards, world_size):
+            # the record comes last (after the stds too), and names the run's latent_stat in its config
+            if not shard_is_finished(args.features_path, k):
+                mine.append(k)
+            elif read_shard_record(args.features_path, k).get("config") != run_config:
+                raise UsageError(f"shard {k} in {args.features_path} was written with a different configuration; "
                                  f"use a fresh --features-path")
-            done += 1
-        else:
-            mine.append(k)
+        return mine
+    mine = check_on_every_rank(unfinished_shards)  # every rank stops if any rank's shards do not match
+    done = len(range(rank, num_shards, world_size)) - len(mine)
+    check_on_every_rank(make_output_dir, args.features_path, "--features-path")
     if rank == 0:
         print(f"{n} images -> {num_shards} shards over {world_size} rank(s); rank 0 resumes past {done} finished")
 
-    from diffusers.models import AutoencoderKL  # imported here: the import is slow
-    vae_config = AutoencoderKL.load_config(vae_path)
-    down = 2 ** (len(vae_config["block_out_channels"]) - 1)  # the encoder halves the size at each extra level
-    latent_shape = [vae_config["latent_channels"], args.image_size // down, args.image_size // down]
-    vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval() if mine else None
     indices = [i for k in mine for i in range(*shard_range(k, args.shard_size, n))]
     loader = DataLoader(Subset(FlaggedImages(images), indices), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
@@ -146,9 +156,7 @@ def main(args):
         if rank == 0:
             listing = "\n".join(f"  {p}" for p in bad_paths)
             print(f"unreadable images ({len(bad_paths)}):\n{listing}")
-        if world_size > 1:
-            dist.destroy_process_group()
-        raise SystemExit(f"{len(bad_paths)} unreadable image(s), first: {bad_paths[0]}; shards holding them were not "
+        raise UsageError(f"{len(bad_paths)} unreadable image(s), first: {bad_paths[0]}; shards holding them were not "
                          f"written. Fix or remove them, or re-run with --skip-bad-images (finished shards are kept).")
 
     if world_size > 1:
@@ -166,7 +174,7 @@ def main(args):
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", type=str, required=True)
     parser.add_argument("--features-path", "--feature-path", dest="features_path", type=str, default="features")
@@ -186,4 +194,8 @@ if __name__ == "__main__":
     parser.add_argument("--skip-bad-images", action="store_true")
     add_launch_arguments(parser)
     parser.add_argument("--global-seed", type=int, default=0)
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run_command(main, build_parser())

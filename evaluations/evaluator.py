@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import torch
 
+from launch.cli import UsageError, check_writable, make_output_dir, run_command
 from storage.atomic_file import atomic_write_json
 from evaluations.batch_npz import read_batch, write_npz_atomic
 from evaluations.inception import InceptionFeatures
@@ -56,11 +57,20 @@ def reference_features(ref_path, images, inception, batch_size):
 #                                   Evaluation                                  #
 #################################################################################
 
+def read_batches(ref_path, sample_path):
+    """(reference, sample) batches as read_batch returns them; a UsageError names a missing or malformed file."""
+    try:
+        ref, sample = read_batch(ref_path), read_batch(sample_path)
+    except (OSError, ValueError) as error:  # no such file, not an .npz, wrong dtype / shape (batch_npz.py)
+        raise UsageError(str(error)) from None
+    if sample["images"] is None:
+        raise UsageError(f"{sample_path}: the sample batch needs its images under arr_0")
+    return ref, sample
+
+
 def evaluate(ref_path, sample_path, inception, batch_size=50):
     """All five metrics; returns ({name: float or None}, {name: why it is unavailable})."""
-    ref, sample = read_batch(ref_path), read_batch(sample_path)
-    if sample["images"] is None:
-        raise ValueError(f"{sample_path}: the sample batch needs its images under arr_0")
+    ref, sample = read_batches(ref_path, sample_path)
     metrics, unavailable = dict.fromkeys(METRIC_NAMES), {}
     # ADM reads a reference's precomputed statistics as they are; images fill in whatever is missing.
     ref_stats = {name: ref[name] for name in ("mu", "sigma", "mu_s", "sigma_s") if name in ref}
@@ -97,20 +107,45 @@ def format_metrics(metrics, unavailable):
                      else f"{name}: unavailable ({unavailable[name]})" for name in METRIC_NAMES)
 
 
+def inference_device(name):
+    """--device as a torch.device (default: cuda if available, else cpu); UsageError for a bad or absent one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} but no CUDA device is visible")
+    return device
+
+
+def load_inception(weights, device):
+    """InceptionFeatures, or a UsageError saying which weights are missing or wrong (evaluations/inception.py)."""
+    try:
+        return InceptionFeatures(weights, device=device)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(" ".join(str(error).split())) from None
+
+
 def main(args):
     """Evaluate a sample batch against a reference batch; print and save the metrics."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    inception = InceptionFeatures(args.inception_weights, device=device)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = inference_device(args.device)
+    output = args.output or os.path.splitext(args.sample_batch)[0] + ".metrics.json"
+    check_writable(output, "--output")  # before hours of feature extraction
+    inception = load_inception(args.inception_weights, device)
     metrics, unavailable = evaluate(args.ref_batch, args.sample_batch, inception, args.batch_size)
     print(format_metrics(metrics, unavailable))
-    output = args.output or os.path.splitext(args.sample_batch)[0] + ".metrics.json"
+    make_output_dir(os.path.dirname(os.path.abspath(output)), "--output")
     atomic_write_json(output, {**metrics, "unavailable": unavailable, "reference": args.ref_batch,
                                "sample": args.sample_batch, "inception_weights": inception.weights_path})
     print(f"Wrote {output}", file=sys.stderr)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ref_batch", type=str, help="reference .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s)")
     parser.add_argument("sample_batch", type=str, help="sample .npz with arr_0: uint8 (N, H, W, 3) images")
     parser.add_argument("--inception-weights", type=str, default=None,
@@ -118,4 +153,8 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--output", type=str, default=None, help="JSON path (default: SAMPLE.metrics.json)")
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run_command(main, build_parser())

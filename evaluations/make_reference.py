@@ -11,16 +11,16 @@ import argparse
 import os
 
 import numpy as np
-import torch
 from tqdm import tqdm
 from PIL import Image
 
 from evaluations.batch_npz import as_rgb_images, write_npz_atomic
+from evaluations.evaluator import inference_device, load_inception
+from launch.cli import UsageError, check_writable, make_output_dir, run_command
 from imagedata.center_crop import center_crop_arr
 from imagedata.coco import coco_image_dataset
 from imagedata.fashion_mnist import fashion_mnist_files, read_idx
 from imagedata.image_folder import list_images, load_rgb
-from evaluations.inception import InceptionFeatures
 from evaluations.metrics import feature_statistics
 
 
@@ -54,22 +54,31 @@ def load_reference_images(dataset, data_path, image_size, num_images, seed, spli
 
 def main(args):
     """Write the reference npz, with Inception statistics unless --no-statistics."""
+    for flag in ("image_size", "num_images"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     image_size = args.image_size or (None if args.dataset == "fashion-mnist" else 256)
-    images = load_reference_images(args.dataset, args.data_path, image_size, args.num_images, args.seed, args.split,
-                                   captions=args.captions)
+    check_writable(args.output, "--output")
+    inception = None if args.no_statistics else load_inception(args.inception_weights, inference_device(args.device))
+    try:
+        images = load_reference_images(args.dataset, args.data_path, image_size, args.num_images, args.seed,
+                                       args.split, captions=args.captions)
+    except (OSError, ValueError) as error:  # a missing folder or split file, no images, unreadable captions
+        raise UsageError(f"--data-path: {' '.join(str(error).split())}") from None
     arrays = {"arr_0": images}
-    if not args.no_statistics:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        inception = InceptionFeatures(args.inception_weights, device=device)
+    if inception is not None:
         features = inception.extract(images, args.batch_size, desc="Reference features")
         arrays["mu"], arrays["sigma"] = feature_statistics(features["pool_3"])
         arrays["mu_s"], arrays["sigma_s"] = feature_statistics(features["spatial"])
+    make_output_dir(os.path.dirname(os.path.abspath(args.output)), "--output")
     write_npz_atomic(args.output, **arrays)
     print(f"Saved {images.shape} reference batch to {args.output}")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=str, choices=["imagenet", "ffhq", "folder", "fashion-mnist", "coco"], required=True)
     parser.add_argument("--data-path", type=str, required=True,
                         help="image folder, or Fashion-MNIST folder / IDX file (e.g. /usr/share/datasets/fashion-mnist)")
@@ -85,4 +94,8 @@ if __name__ == "__main__":
     parser.add_argument("--inception-weights", type=str, default=None)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run_command(main, build_parser())

@@ -2,7 +2,7 @@
 
 Every script (train.py, sample.py, sample_ddp.py, extract_features.py, evaluations/*) uses this module:
 
-    from launch.cli import UsageError, finite_float, make_output_dir, run_command
+    from launch.cli import UsageError, check_writable, finite_float, make_output_dir, run_command
 
     def main(args):
         if args.lr <= 0:                           # check everything before anything is written
@@ -25,7 +25,9 @@ Rules of the contract:
   * UsageError is for what the user can fix (a flag value, missing or empty data, a checkpoint that does not
     match or cannot be read, an output folder that cannot be written); bugs stay ordinary exceptions and keep
     their traceback. The message is one line and names the flag or path.
-  * Raise it before anything is written, so a rejected command leaves no files behind.
+  * Raise it before anything is written, so a rejected command leaves no files behind: check_writable(path,
+    flag) at the start tests an output path without creating it, make_output_dir(path, flag) creates the folder
+    once the inputs have passed.
   * UsageError is a ValueError, so library callers (and tests calling main(args)) can catch it as before.
   * Under torchrun every rank runs the same checks and exits 2; the line is printed once, by rank 0. A check
     whose verdict can differ between ranks (rank 0 alone creates the results folder) goes through
@@ -83,6 +85,23 @@ def make_output_dir(path, flag):
     if not os.access(path, os.W_OK | os.X_OK):  # access(2) reports a read-only file system even for root
         reason = "read-only file system" if _read_only_fs(path) else "permission denied"
         raise UsageError(f"{flag} {path} is not writable: {reason}")
+    return path
+
+
+def check_writable(path, flag):
+    """UsageError unless `path` (a file or folder not written yet) could be created; creates nothing.
+
+    Its nearest existing ancestor must be a writable folder: for checks at the start of a long command whose
+    output folder is made only when there is something to put in it.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path} cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only_fs(parent) else "permission denied"
+        raise UsageError(f"{flag} {path} cannot be written: {parent} is not writable ({reason})")
     return path
 
 

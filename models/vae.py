@@ -4,6 +4,9 @@ Latent models see VAE latents times LATENT_SCALE (256x256x3 -> 32x32x4); pixel-s
 tiny DiTs) use no VAE, written "none" in flags and checkpoints. diffusers is imported only when a VAE
 is actually loaded, so pixel-space training and sampling do not need it.
 """
+import os
+import warnings
+
 import torch
 
 from launch.cli import UsageError
@@ -22,12 +25,21 @@ def vae_name(name):
 def load_vae(name_or_path, device):
     """The diffusers AutoencoderKL of a latent model (a shorthand, Hub name or local folder), in eval mode."""
     from diffusers.models import AutoencoderKL  # imported here: pixel-space models need no diffusers
+    path = vae_name(name_or_path)
     try:
-        return AutoencoderKL.from_pretrained(vae_name(name_or_path)).to(device).eval()
-    except OSError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"cannot load the VAE {name_or_path!r} (offline? pass --vae with a local path "
-                         f"holding a diffusers AutoencoderKL): {first_line}") from None
+        with warnings.catch_warnings():  # diffusers passes hf_hub_download an argument huggingface_hub deprecated
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            return AutoencoderKL.from_pretrained(path).to(device).eval()
+    except OSError:  # diffusers: a folder without the model files, or weights neither cached nor downloadable
+        if os.path.isdir(path):
+            why = f"the folder {path} does not hold a diffusers AutoencoderKL (config.json and weights)"
+        elif os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true"):
+            why = (f"the VAE weights {path} are not available offline (HF_HUB_OFFLINE is set and they are not "
+                   f"in the Hugging Face cache)")
+        else:
+            why = f"the VAE weights {path} are neither in the Hugging Face cache nor downloadable (no network?)"
+        raise UsageError(f"{why}; pass --vae with a local folder holding a diffusers AutoencoderKL "
+                         f"(AutoencoderKL.save_pretrained writes one)") from None
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@ exactly when the statistics agree, because scipy's sqrtm at 2048 dimensions take
 import argparse
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ pytest.importorskip("torch_fidelity", reason="torch-fidelity (eval extra) is not
 
 from evaluations import evaluator  # noqa: E402
 from evaluations.inception import InceptionFeatures  # noqa: E402
+from launch.cli import UsageError  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 N_IMAGES = 10
 
@@ -95,3 +100,30 @@ def test_reference_statistics_are_read_as_they_are(tmp_path, inception):
     assert metrics["Precision"] is None and "no images" in unavailable["Recall"]
     text = evaluator.format_metrics(metrics, unavailable)
     assert "Precision: unavailable (" in text and f"FID: {metrics['FID']}" in text
+
+
+def test_command_line_mistakes_exit_2_with_one_line_and_write_nothing(tmp_path):
+    sample = write_images(tmp_path / "sample.npz", 1)
+    command = [sys.executable, "-m", "evaluations.evaluator", str(tmp_path / "ref.npz"), sample]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    for flags, message in ((["--inception-weights", str(tmp_path / "none.pth")],
+                            f"--inception-weights {tmp_path}/none.pth: no such file"),
+                           (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                           (["--output", str(tmp_path / "sample.npz" / "m.json")],
+                            f"--output {tmp_path}/sample.npz/m.json cannot be created: {tmp_path}/sample.npz is not "
+                            "a directory")):
+        result = subprocess.run([*command, *flags], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        assert (result.returncode, result.stderr) == (2, f"evaluator.py: error: {message}\n")
+    assert os.listdir(tmp_path) == ["sample.npz"]
+
+
+def test_missing_or_malformed_batches_are_usage_errors_naming_the_file(tmp_path):
+    sample = write_images(tmp_path / "sample.npz", 1)
+    with pytest.raises(UsageError, match=f"^batch file {tmp_path}/ref.npz does not exist$"):
+        evaluator.read_batches(str(tmp_path / "ref.npz"), sample)
+    (tmp_path / "garbage.npz").write_bytes(b"<html>not found</html>")
+    with pytest.raises(UsageError, match="garbage.npz is not a readable .npz file"):
+        evaluator.read_batches(str(tmp_path / "garbage.npz"), sample)
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(UsageError, match="stats.npz: the sample batch needs its images under arr_0"):
+        evaluator.read_batches(sample, str(tmp_path / "stats.npz"))

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import extract_features
+from launch.cli import UsageError
 from imagedata import build_dataset, read_manifest
 from models.vae import vae_name
 
@@ -101,7 +102,7 @@ def test_latents_equal_direct_encoding_of_image_and_its_flip(tmp_path, tiny_vae)
     assert manifest["latent_stat"] == "mean" and "stds" not in manifest["shards"][0]
     assert not [f for f in os.listdir(means_only) if f.endswith(".stds.npy")]
     np.testing.assert_array_equal(mean_latents, latents)
-    with pytest.raises(SystemExit, match="different configuration"):  # a means-only folder is not resumed as posterior
+    with pytest.raises(UsageError, match="different configuration"):  # a means-only folder is not resumed as posterior
         extract_features.main(run_args(tmp_path / "imgs", means_only, vae_path, latent_stat="posterior", shard_size=5))
 
 
@@ -114,9 +115,9 @@ def test_bad_image_fails_naming_it_and_count_then_skip_resumes_only_unfinished_s
     real_encode = extract_features.encode_with_flip
     monkeypatch.setattr(extract_features, "encode_with_flip",
                         lambda vae, x, scale: encoded.append(len(x)) or real_encode(vae, x, scale))
-    with pytest.raises(SystemExit) as failure:
+    with pytest.raises(UsageError) as failure:
         extract_features.main(run_args(tmp_path / "imgs", feat, vae_path))
-    assert "1 unreadable image" in str(failure.value.code) and "dog/03.png" in str(failure.value.code)
+    assert "1 unreadable image" in str(failure.value) and "dog/03.png" in str(failure.value)
     assert sorted(f for f in os.listdir(feat) if f.endswith(".json")) == ["shard-00000.json", "shard-00002.json"]
     before = shard_stamps(feat)
 
@@ -132,8 +133,30 @@ def test_bad_image_fails_naming_it_and_count_then_skip_resumes_only_unfinished_s
     encoded.clear()
     extract_features.main(run_args(tmp_path / "imgs", feat, vae_path, skip_bad_images=True))
     assert encoded == [] and shard_stamps(feat) == after
-    with pytest.raises(SystemExit, match="different configuration"):
+    with pytest.raises(UsageError, match="different configuration"):
         extract_features.main(run_args(tmp_path / "imgs", feat, vae_path, skip_bad_images=True, image_size=8))
+
+
+def test_offline_without_the_vae_weights_says_so_in_one_line_before_creating_anything(tmp_path):
+    make_images(tmp_path / "imgs", per_class=1)
+    env = dict(subprocess_env(), HF_HOME=str(tmp_path / "empty_hf_home"))  # nothing cached, offline
+    feat = tmp_path / "feat"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "extract_features.py"), "--data-path",
+                             str(tmp_path / "imgs"), "--features-path", str(feat), "--vae", "ema", "--image-size", "16"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert result.returncode == 2
+    assert result.stderr == ("extract_features.py: error: the VAE weights stabilityai/sd-vae-ft-ema are not available "
+                             "offline (HF_HUB_OFFLINE is set and they are not in the Hugging Face cache); pass --vae "
+                             "with a local folder holding a diffusers AutoencoderKL (AutoencoderKL.save_pretrained "
+                             "writes one)\n")
+    assert not feat.exists()
+    with pytest.raises(UsageError, match=f"^the folder {tmp_path} does not hold a diffusers AutoencoderKL"):
+        extract_features.main(run_args(tmp_path / "imgs", feat, str(tmp_path)))
+    with pytest.raises(UsageError, match="^--shard-size must be >= 1, got 0$"):
+        extract_features.main(run_args(tmp_path / "imgs", feat, str(tmp_path), shard_size=0))
+    with pytest.raises(UsageError, match=f"^--data-path: .*{tmp_path / 'missing'}"):
+        extract_features.main(run_args(tmp_path / "missing", feat, str(tmp_path)))
+    assert not feat.exists()
 
 
 def test_vae_shorthands_map_to_official_dit_vaes():

@@ -2,7 +2,10 @@
 import argparse
 import gzip
 import importlib.util
+import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +13,9 @@ from PIL import Image
 
 from evaluations import make_reference
 from evaluations.batch_npz import read_batch
+from launch.cli import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_idx(path, array):
@@ -39,8 +45,31 @@ def test_fashion_mnist_reference_is_a_seeded_rgb_subset(tmp_path):
 
 
 def test_missing_fashion_mnist_split_names_the_expected_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+    with pytest.raises(UsageError, match="^--data-path: .*t10k-images-idx3-ubyte"):
         make_reference.main(args_for(data_path=str(tmp_path), output=str(tmp_path / "ref.npz")))
+
+
+def test_command_line_mistakes_exit_2_with_one_line_and_write_nothing(tmp_path):
+    gray = np.zeros((4, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", gray)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    common = [sys.executable, "-m", "evaluations.make_reference", "--dataset", "fashion-mnist", "--split", "t10k",
+              "--no-statistics", "--data-path", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    result = subprocess.run([*common, "--output", str(blocker / "ref.npz")], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stderr == (
+        f"make_reference.py: error: --output {blocker}/ref.npz cannot be created: {blocker} is not a directory\n")
+    with pytest.raises(UsageError, match="^--num-images must be >= 1, got 0$"):
+        make_reference.main(args_for(data_path=str(tmp_path), output=str(tmp_path / "out" / "ref.npz"), num_images=0))
+    with pytest.raises(UsageError, match=f"^--data-path: image folder {tmp_path}/missing does not exist$"):
+        make_reference.main(args_for(dataset="folder", data_path=str(tmp_path / "missing"),
+                                     output=str(tmp_path / "out" / "ref.npz")))
+    with pytest.raises(UsageError, match="^--inception-weights .*none.pth: no such file$"):
+        make_reference.main(args_for(data_path=str(tmp_path), output=str(tmp_path / "out" / "ref.npz"),
+                                     no_statistics=False, inception_weights=str(tmp_path / "none.pth")))
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "t10k-images-idx3-ubyte.gz"]  # nothing written
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is None, reason="torch-fidelity is not installed")
