@@ -1,8 +1,14 @@
 """
-Training throughput of a DiT with and without task routing (paper App. E, Table 7: iterations/s).
+Training throughput of a DiT or ADM with and without task routing (paper App. E, Table 7: iterations/s).
 
     python benchmarks/train_throughput.py --model DiT-S/2 --batch-size 8 --threads 2          # CPU, fp32
     python benchmarks/train_throughput.py --model DiT-L/2 --batch-size 32 --mixed-precision bf16   # GPU
+    python benchmarks/train_throughput.py --model ADM-ImageNet64 --batch-size 32 --mixed-precision bf16
+    python benchmarks/train_throughput.py --model ADM-ImageNet64 --model-arg model_channels=64 --batch-size 4
+
+The model is any zoo name of models.create_model, at its preset input (DiT: 32x32x4 latents of 256px images;
+ADM: 64x64x3 pixels) unless --input-size / --in-channels say otherwise; --model-arg overrides any other
+constructor argument (a reduced size on CPU).
 
 One training step is what train.py runs: forward + diffusion loss, backward, AdamW step, EMA update.
 Reports images/s and peak memory for the routed model and the same model without routing, their ratio,
@@ -24,7 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 from diffusion import create_diffusion  # noqa: E402
-from models import ROUTING_KINDS, DiT_models, create_model  # noqa: E402
+from launch.model_args import add_model_arg  # noqa: E402
+from models import ROUTING_KINDS, create_model, model_names  # noqa: E402
 from train import update_ema  # noqa: E402
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,18 +87,19 @@ def forward_flops(model, x, t, y):
 
 
 def build_training_step(args, routing, device):
-    """(step function, training FLOPs per step): one train.py step of a freshly built model."""
+    """(step function, training FLOPs per step, {parameters, input}): one train.py step of a fresh model."""
     torch.manual_seed(0)
-    model = create_model(args.model, input_size=args.input_size, in_channels=args.in_channels,
-                         num_classes=args.num_classes, routing=routing, alpha=args.alpha, beta=args.beta).to(device)
+    shape = {k: getattr(args, k) for k in ("input_size", "in_channels", "num_classes") if getattr(args, k) is not None}
+    model = create_model(args.model, **(args.model_args or {}), **shape, routing=routing, alpha=args.alpha,
+                         beta=args.beta).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     diffusion = create_diffusion(timestep_respacing="", noise_schedule="squaredcos_cap_v2")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)  # as train.py
     net = torch.compile(model) if args.compile else model  # as train.py --compile
     dtype = DTYPES[args.mixed_precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    x = torch.randn(args.batch_size, args.in_channels, args.input_size, args.input_size, device=device)
-    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    x = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
+    y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
 
     def step():
         t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
@@ -106,7 +114,7 @@ def build_training_step(args, routing, device):
     t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         flops = 3 * forward_flops(model, x, t, y)  # backward ~ 2x forward
-    return step, flops
+    return step, flops, {"parameters": sum(p.numel() for p in model.parameters()), "input": list(x.shape[1:])}
 
 
 def build_matmul(size, dtype, device, repeats=4):
@@ -134,7 +142,7 @@ def main(args):
     memory = {}
     for routing in routings:
         reset_peak_memory(device)
-        step, _ = build_training_step(args, routing, device)
+        step, _, _ = build_training_step(args, routing, device)
         for _ in range(2):
             step()
         synchronize(device)
@@ -150,7 +158,7 @@ def main(args):
     times = {routing: [] for routing in routings}
     matmul_times = []
     for round_index in range(args.warmup + args.steps):
-        for routing, (step, _) in steps.items():
+        for routing, (step, _, _) in steps.items():
             seconds = timed(step, device)
             if round_index >= args.warmup:
                 times[routing].append(seconds)
@@ -166,23 +174,28 @@ def main(args):
                         "images_per_sec_median": args.batch_size / median, "sec_per_step": best,
                         "peak_mem_gb": memory[routing], "train_flops_per_step": flops,
                         "achieved_flops_per_sec": flops / best, "share_of_matmul_peak": flops / best / peak})
-    report = {"model": args.model, "batch_size": args.batch_size,
-              "input": [args.in_channels, args.input_size, args.input_size], "mixed_precision": args.mixed_precision,
+    probe = steps[routings[0]][2]
+    report = {"model": args.model, "model_args": args.model_args or {}, "parameters": probe["parameters"],
+              "batch_size": args.batch_size, "input": probe["input"], "mixed_precision": args.mixed_precision,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "compile": args.compile, "rounds": args.steps,
               "matmul_peak_flops_per_sec": peak, "matmul_size": args.matmul_size, "results": results}
     if len(results) == 2:
+        routed, unrouted = times[routings[0]], times["none"]
         report["images_per_sec_ratio_routed_to_unrouted"] = results[0]["images_per_sec"] / results[1]["images_per_sec"]
+        # step time with routing over without, per round (the two steps of a round ran back to back), median
+        report["step_time_ratio_routed_to_unrouted_paired"] = statistics.median(a / b for a, b in zip(routed, unrouted))
     print(json.dumps(report, indent=1))
     return report
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-S/2")
-    parser.add_argument("--input-size", type=int, default=32, help="latent side (32 = 256px images)")
-    parser.add_argument("--in-channels", type=int, default=4)
-    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--model", type=str, choices=model_names(), default="DiT-S/2")
+    add_model_arg(parser, help="override a constructor argument, e.g. model_channels=64 (repeatable)")
+    parser.add_argument("--input-size", type=int, default=None, help="default: the preset's (DiT 32 = 256px latents, ADM 64)")
+    parser.add_argument("--in-channels", type=int, default=None, help="default: the preset's (DiT 4, ADM 3)")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: the preset's (1000; ADM-FFHQ64 1)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mixed-precision", type=str, choices=list(DTYPES), default="no")
     parser.add_argument("--routing", type=str, choices=ROUTING_KINDS, default="dtr")
@@ -193,4 +206,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each model per round)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--matmul-size", type=int, default=2048)
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

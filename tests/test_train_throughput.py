@@ -1,0 +1,34 @@
+"""benchmarks/train_throughput.py builds every backbone family by zoo name and reports routed vs unrouted steps."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from models import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("train_throughput", os.path.join(ROOT, "benchmarks", "train_throughput.py"))
+train_throughput = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_throughput)
+
+
+@pytest.mark.parametrize("model, model_args, input_size", [
+    ("ADM-ImageNet64", ["model_channels=32", "channel_mult=[1,2]", "attention_resolutions=[4]",
+                        "num_head_channels=16", "num_res_blocks=1"], 8),
+    ("DiT-S/2", ["hidden_size=32", "depth=2", "num_heads=2"], 8),
+])
+def test_benchmark_reports_dtr_over_unrouted_for_each_family(model, model_args, input_size):
+    argv = ["--model", model, "--input-size", str(input_size), "--batch-size", "2", "--threads", "1", "--steps", "2",
+            "--warmup", "0", "--matmul-size", "64", *[f"--model-arg={a}" for a in model_args]]
+    report = train_throughput.main(train_throughput.build_parser().parse_args(argv))
+    expected = create_model(model, **report["model_args"], input_size=input_size)
+    assert report["parameters"] == sum(p.numel() for p in expected.parameters())  # routing adds none
+    assert report["input"] == [expected.in_channels, input_size, input_size]
+    dtr, none = report["results"]
+    assert (dtr["routing"], none["routing"]) == ("dtr", "none")
+    # the mask multiplies are elementwise: the counted matmul / conv FLOPs are the same with and without DTR
+    assert dtr["train_flops_per_step"] == none["train_flops_per_step"] > 0
+    assert report["step_time_ratio_routed_to_unrouted_paired"] > 0
+    assert report["images_per_sec_ratio_routed_to_unrouted"] == pytest.approx(
+        dtr["images_per_sec"] / none["images_per_sec"])
