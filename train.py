@@ -300,7 +300,10 @@ def train(args, rank, world_size, device, preemption=None):
         logger.info(f"Dataset contains {len(dataset):,} samples ({args.data_path or args.feature_path}); "
                     f"model input {model.in_channels}x{model.input_size}x{model.input_size}")
 
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+        # broadcast_buffers=False: the only buffers (routing tables of DiT / ADM / text DiT) are fixed and built
+        # alike on every rank; re-sending them each step cost 25 MB (DiT-L/2) to 32 MB (DiT-XL/2) per step
+        ddp_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+                     if world_size > 1 else model)
         if args.compile:
             ddp_model = torch.compile(ddp_model)
         # Per-rank seed for anything left on the global RNG (e.g. loader worker seeds), as official DiT

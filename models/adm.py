@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.dit import timestep_embedding
-from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, make_block_router, validate_routing
+from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps, make_block_router, validate_routing
 
 NORM_GROUPS = 32  # guided-diffusion normalises with GroupNorm(32, C)
 
@@ -403,14 +403,8 @@ class ADM(nn.Module):
         Label dropout as DiT: while training, labels become the null class num_classes with probability
         class_dropout_prob, or exactly where force_drop_ids == 1 (train.py draws them for the global batch).
         """
-        if t.dim() != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"timesteps must have shape ({x.shape[0]},), got {tuple(t.shape)}")
-        in_range = (t >= 0) & (t < NUM_TIMESTEPS)
-        if t.is_cuda:  # no host sync on the GPU hot path
-            torch._assert_async(in_range.all(), "ADM: timestep outside [0, 1000)")
-        elif not bool(in_range.all()):
-            raise ValueError(f"timesteps {t[~in_range].tolist()[:8]} lie outside [0, {NUM_TIMESTEPS}); "
-                             f"pass original-scale diffusion timesteps")
+        # in range always (original-scale t); integers only where they index routing tables
+        check_timesteps(t, x.shape[0], NUM_TIMESTEPS, integral=self.config["routing"] != "none")
         emb = self.time_embed(timestep_embedding(t, self.model_channels))  # (N, 4 * model_channels)
         if self.num_classes > 1:
             if y is None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, make_block_router, routed, validate_routing
+from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps, make_block_router, routed, validate_routing
 
 
 def modulate(x, shift, scale):
@@ -241,6 +241,8 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y, force_drop_ids=None):
         """Model output (N, out_channels, H, W) for inputs x (N, C, H, W), timesteps t (N,), labels y (N,)."""
+        if self.config["routing"] != "none":  # the mask tables are indexed by t
+            check_timesteps(t, x.shape[0], NUM_TIMESTEPS)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         for block in self.blocks:

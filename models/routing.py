@@ -133,6 +133,30 @@ def build_masks(kind, num_tasks, channels, alpha=4.0, beta=0.8, seed=0):
 ROUTING_CONFIG_KEYS = ("routing", "alpha", "beta", "routing_seed")  # what rebuilds every mask table
 
 
+@torch.compiler.disable
+def check_timesteps(t, batch_size, num_tasks, integral=True):
+    """Reject timesteps that are not (N,) integers in [0, num_tasks) instead of clamping them (row t is task D_t).
+
+    Models call it once per forward, before any block gathers a mask row. torch.compiler.disable keeps it
+    out of compiled graphs: under torch.compile on CPU a bad index inside the graph aborts the process in
+    an inductor bounds check, here it stays this ValueError. On the GPU it asserts asynchronously (no host sync).
+    """
+    if t.dim() != 1 or t.shape[0] != batch_size:
+        raise ValueError(f"timesteps must have shape ({batch_size},), got {tuple(t.shape)}")
+    integers = (t == t.round()).all() if integral and t.is_floating_point() else None
+    in_range = ((t >= 0) & (t < num_tasks)).all()
+    if t.is_cuda:
+        if integers is not None:
+            torch._assert_async(integers, "timesteps must be integers")
+        torch._assert_async(in_range, f"timestep outside [0, {num_tasks})")
+        return
+    if integers is not None and not bool(integers):
+        raise ValueError(f"routing needs integer timesteps, got {t.tolist()[:8]}")
+    if not bool(in_range):
+        bad = t[(t < 0) | (t >= num_tasks)].tolist()[:8]
+        raise ValueError(f"timesteps {bad} lie outside [0, {num_tasks}); pass original-scale diffusion timesteps")
+
+
 def make_block_router(kind, block_index, channels, alpha, beta, seed, num_tasks=NUM_TIMESTEPS):
     """The router of one block, or None without routing; R-TR gives block i its own table (seed + i)."""
     if kind == "none":
@@ -165,27 +189,11 @@ class TaskRouter(nn.Module):
         self.register_buffer("masks", build_masks(kind, num_tasks, channels, alpha, beta, seed).bool(),
                              persistent=False)
 
-    def check_timesteps(self, t):
-        """Reject non-integer timesteps or ones outside [0, num_tasks) instead of clamping them."""
-        if t.dim() != 1:
-            raise ValueError(f"timesteps must have shape (N,), got {tuple(t.shape)}")
-        # On the GPU (and under torch.compile) the checks run asynchronously: no host sync, no graph break.
-        asynchronous = t.is_cuda or torch.compiler.is_compiling()
-        if t.is_floating_point():
-            if asynchronous:
-                torch._assert_async((t == t.round()).all(), "routing: timesteps must be integers")
-            elif not bool((t == t.round()).all()):
-                raise ValueError(f"routing needs integer timesteps, got {t.tolist()[:8]}")
-        in_range = (t >= 0) & (t < self.num_tasks)
-        if asynchronous:
-            torch._assert_async(in_range.all(), "routing: timestep outside [0, num_tasks)")
-        elif not bool(in_range.all()):
-            bad = t[~in_range].tolist()[:8]
-            raise ValueError(f"timesteps {bad} lie outside [0, {self.num_tasks}) of the routing table")
-
     def forward(self, t, dtype=torch.float32):
-        """Masks (N, 1, C) for integer timesteps t (N,), broadcastable over tokens."""
-        self.check_timesteps(t)
+        """Masks (N, 1, C) for integer timesteps t (N,) in [0, num_tasks), broadcastable over tokens.
+
+        The model checks t once per forward (check_timesteps), not every block.
+        """
         return self.masks[t.long()].unsqueeze(1).to(dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

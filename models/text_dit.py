@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.dit import (Attention, DiT_models, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, initialize_dit_weights,
                         modulate)
-from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, make_block_router, routed, validate_routing
+from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps, make_block_router, routed, validate_routing
 
 
 #################################################################################
@@ -219,6 +219,8 @@ class TextDiT(nn.Module):
         if context_mask is not None:
             context_mask = context_mask.bool()
         self.check_context(x.shape[0], context, context_mask)
+        if self.config["routing"] != "none":  # the mask tables are indexed by t
+            check_timesteps(t, x.shape[0], NUM_TIMESTEPS)
         if (self.training and self.caption_dropout_prob > 0) or force_drop_ids is not None:
             context, context_mask = self.drop_captions(context, context_mask, force_drop_ids)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2

@@ -267,6 +267,18 @@ def test_model_rejects_timesteps_outside_the_routing_table():
         model(x, torch.tensor([1000]), y)
 
 
+def test_compiled_model_rejects_bad_timesteps_with_the_eager_error():
+    # the check runs once per forward outside the compiled graph (inside it, inductor's CPU bounds check
+    # fails instead; aot_eager keeps this test fast and still runs the graph)
+    model = DiT(**TINY, routing="dtr").eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, _, y = inputs(n=2)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, torch.tensor([0, 999]), y), model(x, torch.tensor([0, 999]), y))
+        with pytest.raises(ValueError, match=r"timesteps \[1000\] lie outside \[0, 1000\)"):
+            compiled(x, torch.tensor([3, 1000]), y)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(routing="sliding"), "unknown routing kind"),
     (dict(routing="dtr", alpha=0), "alpha"),

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from models.routing import ROUTING_KINDS, TaskRouter, active_channels, build_masks
+from models.routing import ROUTING_KINDS, TaskRouter, active_channels, build_masks, check_timesteps
 
 T, C = 1000, 64
 
@@ -162,9 +162,10 @@ def test_router_gathers_one_row_per_timestep():
     (torch.tensor([3.5]), "integer"),
     (torch.tensor([[1, 2]]), "shape"),
 ])
-def test_router_rejects_bad_timesteps_instead_of_clamping(t, message):
+def test_bad_timesteps_are_rejected_instead_of_clamped(t, message):
     with pytest.raises(ValueError, match=message):
-        TaskRouter("dtr", T, C)(t)
+        check_timesteps(t, len(t), T)
+
 
 
 def test_router_table_is_not_in_state_dict_but_authors_key_is_checked():

@@ -379,6 +379,33 @@ def test_posterior_latents_resume_bitwise_and_means_only_folders_still_train(tmp
     assert any(not torch.equal(means_only["model"][k], a["model"][k]) for k in a["model"])  # the std did enter
 
 
+@pytest.mark.parametrize("family", ["dit", "adm", "text_dit"])
+def test_every_buffer_is_a_fixed_routing_table_so_ddp_need_not_broadcast_buffers(family):
+    # train.py builds DDP with broadcast_buffers=False: sound only while no buffer changes in training
+    from models import ADM, DiT
+    from models.text_dit import TextDiT
+    torch.manual_seed(0)
+    common = dict(input_size=8, routing="dtr")
+    model, extra = {
+        "dit": (lambda: (DiT(patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10, **common),
+                         {"y": torch.tensor([1, 2])})),
+        "adm": (lambda: (ADM(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                             attention_resolutions="4", num_head_channels=16, num_classes=10, **common),
+                         {"y": torch.tensor([1, 2])})),
+        "text_dit": (lambda: (TextDiT(patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, context_dim=16,
+                                      max_text_len=5, **common), {"context": torch.randn(2, 5, 16)})),
+    }[family]()
+    names = [name for name, _ in model.named_buffers()]
+    assert names and all(name.endswith("routing.masks") for name in names)
+    assert not any(name in model.state_dict() for name in names)  # non-persistent: rebuilt from the config
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    model(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), **extra).square().mean().backward()
+    opt.step()
+    assert all(torch.equal(b, before[name]) for name, b in model.named_buffers())
+
+
 def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, images):
     common = ["--data-path", images, "--global-batch-size", 8, "--max-steps", 3, "--ckpt-every", 100]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
