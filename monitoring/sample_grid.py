@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from diffusion import create_diffusion
+from models.vae import LATENT_SCALE
 from sampling.seeded import class_labels, generate, resolve_cfg_scale, to_uint8
 from storage.atomic_file import atomic_write
 
@@ -30,7 +31,7 @@ def tile(images, columns=4):
 
 
 @torch.no_grad()
-def ema_sample_grid(ema, diffusion_config, global_seed, vae=None, latent_scale=0.18215):
+def ema_sample_grid(ema, diffusion_config, global_seed, vae=None, latent_scale=LATENT_SCALE):
     """(4H, 4W, C) uint8 grid of GRID_SAMPLES samples of the EMA model (VAE-decoded for latent models)."""
     device = next(ema.parameters()).device
     diffusion = create_diffusion(**{**diffusion_config, "timestep_respacing": f"ddim{GRID_STEPS}"})
