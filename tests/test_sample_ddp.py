@@ -147,14 +147,14 @@ def test_cfg_scale_one_equals_the_unguided_model(ckpt, tmp_path):
     with torch.no_grad():  # scale 1 skips the doubled batch: the very forward of the unguided model, bitwise
         torch.testing.assert_close(model_function(model, 1.0, "all", "no")(x, t, y=y), model(x, t, y), rtol=0, atol=0)
     # end to end: DDIM is deterministic given x_T, so --cfg-scale 1 must equal plain ddim_sample_loop, run on
-    # run()'s batches (shards of 4 in batches of 3) and thread count: uint8 rounding turns any fp32 difference
-    # into a one-level flip of some pixel
+    # run()'s batches (sample_ddp's fixed grid [3k, 3k + 3) for --per-proc-batch-size 3) and thread count:
+    # uint8 rounding turns any fp32 difference into a one-level flip of some pixel
     out = run(ckpt, tmp_path, "--cfg-scale", "1", "--sampler", "ddim")
     diffusion = create_diffusion("ddim4", **settings.diffusion_config)
     y = class_labels(range(10), 10, 0, balanced=False)
     x_T = PerSampleNoise(range(10), 0)((10, 1, 8, 8))
     plain = []
-    for batch in ([0, 1, 2], [3], [4, 5, 6], [7], [8, 9]):
+    for batch in ([0, 1, 2], [3, 4, 5], [6, 7, 8], [9]):
         with torch.no_grad(), intra_op_threads(1):
             plain.append(diffusion.ddim_sample_loop(model, (len(batch), 1, 8, 8), noise=x_T[batch],
                                                     model_kwargs={"y": y[batch]}))
