@@ -3,6 +3,8 @@
     python sample.py --ckpt results/000-DiT-L-2/checkpoints/0400000.pt --class-labels 207 360 --samples-per-class 4
     python sample.py --ckpt results/001-ADM-ImageNet64/checkpoints/0400000.pt   # any backbone, no model flags
     python sample.py --ckpt DiT-XL-2-256x256.pt                     # official weights, official defaults
+    python sample.py --ckpt results/000-TextDiT-B-2/checkpoints/0400000.pt --prompt "a red bus" --prompt "two dogs"
+    python sample.py --ckpt ... --prompts-file prompts.txt --samples-per-prompt 4   # text models: one prompt a line
 
 Model, routing and diffusion settings come from the checkpoint; raw state_dicts are built from the
 flags with official DiT's defaults (guided-diffusion's for --model ADM-*). Image i of the grid depends only on --seed and i (see
@@ -20,7 +22,9 @@ from torchvision.utils import make_grid
 from launch.cli import UsageError, finite_float, make_output_dir, run_command
 from storage.atomic_file import atomic_write
 from storage.checkpoint import add_checkpoint_arguments
-from sampling.seeded import check_sampling_flags, generate, load_for_sampling, parse_guide_channels, to_uint8
+from sampling.captioned_grid import captioned_grid
+from sampling.seeded import (check_sampling_flags, generate, load_for_sampling, load_text_conditioning,
+                             parse_guide_channels, to_uint8)
 
 
 OFFICIAL_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # official DiT's sample.py grid
@@ -52,14 +56,49 @@ def grid_labels(class_labels, samples_per_class, num_classes):
     return labels, per_class if per_class > 1 else 4
 
 
+def read_prompts(prompts, prompts_file):
+    """The --prompt values, then the non-empty lines of --prompts-file."""
+    prompts = list(prompts or [])
+    if prompts_file is not None:
+        if not os.path.isfile(prompts_file):
+            raise UsageError(f"--prompts-file not found: {prompts_file}")
+        with open(prompts_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    return prompts
+
+
+def grid_captions(prompts, samples_per_prompt):
+    """(captions (N,), images per grid row): each prompt repeated, one prompt per row when several per prompt."""
+    if samples_per_prompt < 1:
+        raise UsageError(f"--samples-per-prompt must be >= 1, got {samples_per_prompt}")
+    return [p for p in prompts for _ in range(samples_per_prompt)], samples_per_prompt if samples_per_prompt > 1 else 4
+
+
 @torch.no_grad()  # sampling only; a decorator, so callers' grad mode is left as it was
 def main(args):
     """Sample the grid and save it as a PNG."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_sampling_flags(args)
+    prompts = read_prompts(args.prompt, args.prompts_file)
 
     model, settings, cfg_scale, diffusion, vae = load_for_sampling(args, device, default_cfg_scale=4.0)
 
+    if settings.text_encoder is not None:  # a text-to-image model: a grid of prompts, captions under the images
+        if not prompts or args.class_labels is not None:
+            raise UsageError(f"{args.ckpt} is a text-to-image model: give --prompt TEXT (repeatable) or "
+                             f"--prompts-file, not --class-labels")
+        captions, nrow = grid_captions(prompts, args.samples_per_prompt)
+        make_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
+        condition = load_text_conditioning(settings, model, device).encode(captions)
+        samples = generate(model, diffusion, args.sampler, list(range(len(captions))), condition, args.seed,
+                           cfg_scale, args.guide_channels, args.mixed_precision, progress=True,
+                           clip_denoised=vae is None)
+        picture = captioned_grid(to_uint8(samples, vae, settings.latent_scale), captions, nrow)
+        atomic_write(args.out, lambda f: picture.save(f, format="PNG"))
+        print(args.out)
+        return
+    if prompts:
+        raise UsageError(f"--prompt / --prompts-file need a text-to-image checkpoint; {args.ckpt} is class-conditional")
     labels, nrow = grid_labels(args.class_labels, args.samples_per_class, model.num_classes)
     make_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")  # a folder we cannot write: before sampling
     samples = generate(model, diffusion, args.sampler, list(range(len(labels))), labels, args.seed, cfg_scale,
@@ -85,6 +124,10 @@ def build_parser():
                         help="default: official DiT's 8 classes, or one row per class for few-class models")
     parser.add_argument("--samples-per-class", type=int, default=None,
                         help="images per class (one class per grid row); unconditional: number of images")
+    parser.add_argument("--prompt", type=str, action="append", default=None,
+                        help="text-to-image models: a caption to draw (repeatable)")
+    parser.add_argument("--prompts-file", type=str, default=None, help="text-to-image models: one caption a line")
+    parser.add_argument("--samples-per-prompt", type=int, default=1, help="images per caption (one caption per row)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixed-precision", type=str, choices=["no", "bf16"], default="no")
     parser.add_argument("--out", type=str, default="sample.png")

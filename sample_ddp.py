@@ -1,6 +1,8 @@
 """Sample N images (50K for FID) over torchrun processes into one .npz for the ADM evaluator (SPEC 6).
 
     torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py --ckpt results/000-DiT-L-2/checkpoints/0400000.pt
+    torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py --ckpt results/001-TextDiT-B-2/checkpoints/0400000.pt \
+        --captions coco/annotations/captions_val2014.json      # text-to-image: N captions drawn from the file
 
 Differences from official DiT's sample_ddp.py, on purpose:
   * sample i's label and noise (start and every step) come from generators seeded by (--global-seed, i),
@@ -15,7 +17,10 @@ Differences from official DiT's sample_ddp.py, on purpose:
   * <shard dir>/config.json records what the shards were sampled with; a directory holding shards of
     another configuration is an error, and no finished shard is ever deleted.
 Output: <sample-dir>/<run-name>.npz with arr_0 = uint8 (N, H, W, 3) and arr_1 = int64 labels; its path
-is the last line printed.
+is the last line printed. Text-to-image models: sample i's caption is drawn uniformly from every (image, caption)
+pair of --captions with a generator seeded by (--global-seed, i) (sampling.seeded.validation_captions); arr_1
+holds the caption's COCO image id and <run-name>.captions.json beside the .npz lists
+[{"index", "image_id", "caption"}] for every sample.
 """
 import argparse
 import json
@@ -32,8 +37,8 @@ from storage.atomic_file import atomic_write
 from storage.checkpoint import add_checkpoint_arguments
 from launch.cli import UsageError, check_on_every_rank, finite_float, make_output_dir, run_command
 from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
-from sampling.seeded import (check_sampling_flags, class_labels, generate, load_for_sampling, parse_guide_channels,
-                             to_uint8)
+from sampling.seeded import (check_sampling_flags, class_labels, generate, load_for_sampling, load_text_conditioning,
+                             parse_guide_channels, to_uint8, validation_captions)
 from sampling.work_split import missing_intervals, rank_shards
 
 SHARD_NAME = re.compile(r"^shard_(\d{6,})_(\d{6,})\.npz$")  # shard_<start>_<stop>.npz
@@ -68,7 +73,9 @@ def run_name(args, settings, cfg_scale):
 
 def sampling_config(args, settings, cfg_scale):
     """Everything that decides the samples' values; shards of another configuration must not be mixed in."""
-    return {
+    text = {} if settings.text_encoder is None else {"captions": os.path.abspath(args.captions),
+                                                     "text_encoder": settings.text_encoder}
+    return {**text,
         "ckpt": os.path.abspath(args.ckpt), "weights": settings.weights, "model": settings.model_name,
         "image_size": settings.image_size, "vae": settings.vae, "sampler": args.sampler,
         "num_sampling_steps": args.num_sampling_steps, "cfg_scale": cfg_scale,
@@ -125,12 +132,13 @@ def write_npz(f, arrays, chunks=None):
 
 
 def read_shard(path, start, stop):
-    """(images, labels) of a finished shard, checked against the sample indices it must hold."""
+    """(images, labels, captions or None) of a finished shard, checked against the sample indices it must hold."""
     with np.load(path) as shard:
         images, labels = shard["images"], shard["labels"]
+        captions = shard["captions"].tolist() if "captions" in shard.files else None
     if len(images) != stop - start or len(labels) != stop - start:
         raise UsageError(f"{path} holds {len(images)} samples, expected {stop - start} (indices {start}..{stop - 1})")
-    return images, labels
+    return images, labels, captions
 
 
 def rgb(images):
@@ -160,6 +168,14 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = args.tf32
 
     model, settings, cfg_scale, diffusion, vae = load_for_sampling(args, device, default_cfg_scale=1.5)
+    conditioning = None
+    if settings.text_encoder is not None:  # text-to-image: captions from the validation annotations
+        if args.captions is None:
+            raise UsageError(f"{args.ckpt} is a text-to-image model: give --captions (e.g. "
+                             f"coco/annotations/captions_val2014.json), the captions to draw the samples' prompts from")
+        conditioning = load_text_conditioning(settings, model, device, args.captions)
+    elif args.captions is not None:
+        raise UsageError(f"--captions needs a text-to-image checkpoint; {args.ckpt} is not one")
 
     name = run_name(args, settings, cfg_scale)
     shard_dir = os.path.join(args.sample_dir, f"{name}.shards")
@@ -189,16 +205,24 @@ def main(args):
     bar = tqdm(total=sum(stop - start for shard in todo for start, stop in shard), disable=rank != 0,
                desc="samples")
     for batches in todo:
-        images, labels = [], []
+        images, labels, captions = [], [], []
         for first, stop in batches:
             indices = list(range(first, stop))
-            y = class_labels(indices, model.num_classes, args.global_seed, args.balanced_classes)
-            samples = generate(model, diffusion, args.sampler, indices, y, args.global_seed, cfg_scale,
+            if conditioning is None:
+                y = condition = class_labels(indices, model.num_classes, args.global_seed, args.balanced_classes)
+            else:
+                picks = validation_captions(indices, conditioning.coco, args.global_seed)
+                captions += [p["caption"] for p in picks]
+                condition = conditioning.encode([p["caption"] for p in picks])
+                y = torch.tensor([p["image_id"] for p in picks], dtype=torch.long)
+            samples = generate(model, diffusion, args.sampler, indices, condition, args.global_seed, cfg_scale,
                                args.guide_channels, args.mixed_precision, clip_denoised=vae is None)
             images.append(to_uint8(samples, vae, settings.latent_scale))  # (B, H, W, C)
             labels.append(y.numpy())
             bar.update(len(indices))
         shard = {"images": np.concatenate(images), "labels": np.concatenate(labels)}
+        if conditioning is not None:
+            shard["captions"] = np.array(captions, dtype=str)  # fixed-width unicode: np.load needs no pickle
         start, stop = batches[0][0], batches[-1][1]
         atomic_write(shard_path(shard_dir, start, stop), lambda f: write_npz(f, shard))
         if args.save_png:
@@ -231,15 +255,25 @@ def save_pngs(shard_dir, start, images):
 
 
 def write_samples(shard_dir, bounds, out):
-    """Join the shards, in index order and one at a time, into <out>: arr_0 uint8 NHWC RGB, arr_1 labels."""
+    """Join the shards, in index order and one at a time, into <out>: arr_0 uint8 NHWC RGB, arr_1 labels.
+
+    Shards with captions (text-to-image) also give <out minus .npz>.captions.json, written first.
+    """
     for (_, stop), (start, _) in zip(bounds, bounds[1:]):
         if stop != start:  # two runs wrote into one folder at once
             raise UsageError(f"shards in {shard_dir} overlap or leave a gap at sample {min(stop, start)}; "
                              "remove the overlapping ones and re-run")
-    first, _ = read_shard(shard_path(shard_dir, *bounds[0]), *bounds[0])
+    first = read_shard(shard_path(shard_dir, *bounds[0]), *bounds[0])[0]
     n = bounds[-1][1]
     shape = (n,) + rgb(first[:1]).shape[1:]  # (N, H, W, 3)
-    labels = np.concatenate([read_shard(shard_path(shard_dir, *b), *b)[1] for b in bounds])
+    records = [read_shard(shard_path(shard_dir, *b), *b)[1:] for b in bounds]
+    labels = np.concatenate([labels for labels, _ in records])
+    if records[0][1] is not None:
+        captions = [c for _, shard_captions in records for c in shard_captions]
+        listing = [{"index": i, "image_id": int(image_id), "caption": caption}
+                   for i, (image_id, caption) in enumerate(zip(labels.tolist(), captions))]
+        atomic_write(out[:-len(".npz")] + ".captions.json",
+                     lambda f: f.write(json.dumps(listing, indent=0, ensure_ascii=False).encode()))
     pieces = (rgb(read_shard(shard_path(shard_dir, *b), *b)[0]) for b in bounds)
     atomic_write(out, lambda f: write_npz(f, {"arr_1": labels.astype(np.int64)},
                                           chunks={"arr_0": (np.uint8, shape, pieces)}))
@@ -259,6 +293,8 @@ def build_parser():
     parser.add_argument("--guide-channels", type=parse_guide_channels, default="all",
                         help="'all' latent channels, or 3 for official DiT's legacy 3-channel guidance")
     parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--captions", type=str, default=None,
+                        help="text-to-image models: COCO captions_val2014.json; sample i's caption is drawn from it")
     parser.add_argument("--balanced-classes", action="store_true",
                         help="label i = i mod num_classes (N / num_classes per class) instead of uniform at random")
     parser.add_argument("--shard-size", type=int, default=1000,

@@ -5,6 +5,8 @@ Train a DiT or ADM, optionally with Denoising Task Routing, using PyTorch DDP (P
     python train.py --config configs/table1/imagenet256_dit_l2_dtr.yaml --feature-path features/imagenet256
     torchrun --nproc_per_node=8 train.py --config configs/table1/ffhq64_adm_dtr.yaml --data-path data/ffhq  # ADM, pixels
     python train.py --config configs/tiny_fashion_mnist.yaml   # small CPU run in pixel space
+    python train.py --config configs/table1/coco256_dit_b2_dtr.yaml --feature-path features/coco256 \
+        --captions coco/annotations/captions_train2014.json --text-encoder openai/clip-vit-large-patch14
 
 --model takes every zoo name of models.create_model (DiT-S/2 ... DiT-XL/8, ADM-ImageNet64, ADM-FFHQ64);
 --model-arg KEY=VALUE (or a config's model_args: mapping) overrides any constructor argument.
@@ -14,7 +16,9 @@ cosine schedule over 1000 steps, learned sigma. Runs under torchrun (nccl on GPU
 single process. Every global batch is the same whatever the world size: the sampler splits each global batch
 over ranks, and the timesteps, noise and label dropout of a step are drawn for the whole global batch from a
 generator seeded by (global seed, step), each rank taking its own samples. So 2 ranks x B match 1 rank x 2B,
-and a resumed run continues bit for bit.
+and a resumed run continues bit for bit. Text models (TextDiT-*, MS-COCO, App. C): each image's caption is drawn
+per step from a stream of (global seed, step) for the whole global batch (models/caption_conditioning.py), encoded
+on the fly by the frozen CLIP --text-encoder; the label drops become caption drops to the learned null caption.
 
 Outputs in <results-dir>/<NNN>-<model>/ (model "DiT-S/2" -> "DiT-S-2"):
 log.txt, metrics.jsonl (one {"step", "loss", ...} per --log-every) and checkpoints/<step:07d>.pt, written
@@ -24,7 +28,8 @@ atomically, loadable with torch.load(weights_only=True):
     loss_weighting (its state_dict: ANT-UW s_k), rng (one dict per rank: torch, numpy, python, cuda),
     data_state ({epoch, position = batches done in the epoch, sampler_seed, global_batch_size}),
     scaler (fp16 only), loss_log ({sums: (world_size,) running loss sums, steps}: the next log line after a
-    resume averages the same steps as a straight run), dataset ({num_samples, num_classes}). The per-step
+    resume averages the same steps as a straight run), dataset ({num_samples, num_classes}), text_encoder and
+    captions (text models: the CLIP encoder's hub name or local directory, the annotation file). The per-step
     generator needs no state: it is reseeded from (global seed, step).
 
 Clusters: SIGTERM, SIGUSR1 or SIGINT stop every rank after the current step, with a checkpoint of it, and
@@ -59,7 +64,7 @@ from launch.cli import UsageError, check_on_every_rank, finite_float, make_outpu
 from launch.model_args import add_model_arg
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
 from launch.process_group import add_launch_arguments, cleanup_distributed, describe_distributed, setup_distributed
-from models import ROUTING_KINDS, check_overrides, create_model, model_names
+from models import ROUTING_KINDS, TextDiT, check_overrides, create_model, family_of, model_names
 from models import model_config as model_config_of
 from models.vae import LATENT_SCALE, NO_VAE, load_vae
 from monitoring.tensorboard_log import tensorboard_available
@@ -76,7 +81,8 @@ from storage.training_log import LossLog, close_logger, create_logger, truncate_
 MODEL_ARGS_SET_BY_TRAIN = {"input_size": "--image-size and the data", "in_channels": "the data",
                            "num_classes": "--num-classes", "learn_sigma": "train.py (learned variances, as the paper)",
                            "routing": "--routing", "alpha": "--alpha", "beta": "--beta",
-                           "routing_seed": "--routing-seed", "grad_checkpointing": "--grad-checkpointing"}
+                           "routing_seed": "--routing-seed", "grad_checkpointing": "--grad-checkpointing",
+                           "context_dim": "--text-encoder", "max_text_len": "--text-encoder"}
 NOISE_SCHEDULES = ("squaredcos_cap_v2", "cosine", "linear")  # cosine = squaredcos_cap_v2 (ADM's / the release's name)
 
 
@@ -128,14 +134,33 @@ def model_overrides(args):
     return dict(args.model_args or {})
 
 
-def build_model(args, input_size, in_channels, num_classes):
-    """The --model zoo entry with --model-arg overrides, sized to the data, routed as the flags say."""
+def build_model(args, input_size, in_channels, num_classes, text_overrides=None):
+    """The --model zoo entry with --model-arg overrides, sized to the data, routed as the flags say.
+
+    text_overrides: a text model's token width and length (CaptionConditioning.model_overrides) instead of classes.
+    """
+    condition = {"num_classes": num_classes} if text_overrides is None else text_overrides
     try:
-        return create_model(args.model, **model_overrides(args), input_size=input_size, in_channels=in_channels,
-                            num_classes=num_classes, learn_sigma=True, routing=args.routing, alpha=args.alpha,
+        return create_model(args.model, **model_overrides(args), **condition, input_size=input_size,
+                            in_channels=in_channels, learn_sigma=True, routing=args.routing, alpha=args.alpha,
                             beta=args.beta, routing_seed=args.routing_seed, grad_checkpointing=args.grad_checkpointing)
     except ValueError as error:  # flags the model cannot be built from, e.g. a size its patch does not divide
         raise UsageError(f"--model {args.model}: {error}") from None
+
+
+def is_text_model(name):
+    """Whether zoo name `name` is a text-to-image model (captions instead of class labels)."""
+    return family_of(name).constructor is TextDiT
+
+
+def load_text_conditioning(args, dataset, device):
+    """The COCO captions of the training images and the frozen CLIP encoder (text models only)."""
+    from models.caption_conditioning import CaptionConditioning  # transformers only for text models
+    try:
+        return CaptionConditioning.for_training(args.text_encoder, args.captions, dataset,
+                                                args.feature_path or args.data_path, device)
+    except (OSError, ValueError) as error:  # captions missing, not covering the data; encoder not found offline
+        raise UsageError(str(error)) from None
 
 
 def check_data_fits_model(args, dataset):
@@ -166,12 +191,13 @@ def diffusion_config_of(args):
                 p2_gamma=args.p2_gamma, ant_num_clusters=args.ant_num_clusters, ant_lr=args.ant_lr)
 
 
-def build_training_state(args, dataset, device):
+def build_training_state(args, dataset, device, text=None):
     """(TrainingState at step 0, diffusion): model, its EMA, AdamW, loss weighting; the same on every rank."""
     input_size, in_channels = check_data_fits_model(args, dataset)
     torch.manual_seed(args.global_seed)  # same init on every rank and any world size
     try:  # the constructor checks the shape: data size, --model-arg values
-        model = build_model(args, input_size, in_channels, args.num_classes).to(device)
+        model = build_model(args, input_size, in_channels, args.num_classes,
+                            text.model_overrides() if text is not None else None).to(device)
     except ValueError as error:
         raise UsageError(f"--model {args.model} does not build with these settings: {error}") from None
     ema = copy.deepcopy(model).to(device)  # EMA starts as a copy of the model (official DiT)
@@ -188,6 +214,8 @@ def build_training_state(args, dataset, device):
                 "vae": getattr(dataset, "vae", args.vae) if latent else NO_VAE, "image_size": args.image_size,
                 "latent_scale": getattr(dataset, "latent_scale", LATENT_SCALE) if latent else 1.0,
                 "dataset": dataset_identity(dataset)}
+    if text is not None:  # what the samplers rebuild the encoder from
+        settings.update(text_encoder=text.name_or_path, captions=os.path.abspath(args.captions))
     return TrainingState(model, ema, opt, weighting, scaler, settings), diffusion
 
 
@@ -273,7 +301,8 @@ def train(args, rank, world_size, device, preemption=None):
 
     # Data first, so a bad path fails before anything is written; then model, EMA, diffusion, optimizer:
     dataset = open_dataset(args, rank, world_size)
-    state, diffusion = build_training_state(args, dataset, device)
+    text = load_text_conditioning(args, dataset, device) if is_text_model(args.model) else None
+    state, diffusion = build_training_state(args, dataset, device, text)
     model, ema = state.model, state.ema
     experiment_dir, checkpoint, removed_temp_files = open_run(args, state, dataset, rank, world_size)
     saved_lr = apply_learning_rate(state.opt, args.lr)  # a resumed optimizer state would restore the old lr
@@ -337,9 +366,10 @@ def train(args, rank, world_size, device, preemption=None):
             for x, y in loader:
                 # (B, C, H, W): images in [-1, 1] or scaled latents; (B, 2, C, h, w): a VAE posterior's mean, std
                 x = x.to(device, non_blocking=True)
+                image_ids = y  # a text model's COCO image ids, on the host (its captions are drawn there)
                 y = y.to(device, non_blocking=True)  # (B,)
                 loss, t, losses = train_step(state, ddp_model, diffusion, x, y, args, rank, world_size,
-                                             autocast_dtype, posterior_latents)
+                                             autocast_dtype, posterior_latents, text, image_ids)
                 monitor.after_step(t, losses)
                 state.step += 1
                 state.position += 1
@@ -378,13 +408,15 @@ def train(args, rank, world_size, device, preemption=None):
         close_logger(logger)
 
 
-def train_step(state, ddp_model, diffusion, x, y, args, rank, world_size, autocast_dtype, posterior_latents=False):
+def train_step(state, ddp_model, diffusion, x, y, args, rank, world_size, autocast_dtype, posterior_latents=False,
+               text=None, image_ids=None):
     """One optimiser step on this rank's share of the global batch, then the EMA.
 
     Returns the loss (0-dim), and this rank's timesteps t (B,) and per-sample losses (B,) for the monitor.
 
     x: (B, C, H, W) images in [-1, 1] or scaled latents; with posterior_latents (B, 2, C, h, w), a VAE
     posterior's mean and std, from which this step draws its latent as official DiT's latent_dist.sample().
+    text (a CaptionConditioning) conditions on a caption of each image in image_ids (B,) instead of y.
     """
     device, G = x.device, args.global_batch_size
     # Draw t, noise and label drops for the whole global batch; keep this rank's samples
@@ -392,12 +424,15 @@ def train_step(state, ddp_model, diffusion, x, y, args, rank, world_size, autoca
     g = step_generator(args.global_seed, state.step, device)
     t = diffusion.timestep_sampler.sample_timesteps(G, device, generator=g)[rank::world_size]
     noise = torch.randn((G, *x.shape[-3:]), generator=g, device=device)[rank::world_size]
-    dropout_prob = state.model.config["class_dropout_prob"]
+    dropout_prob = state.model.config["class_dropout_prob" if text is None else "caption_dropout_prob"]
     drop = torch.rand(G, generator=g, device=device)[rank::world_size] < dropout_prob
     if posterior_latents:  # drawn last, so the other draws are those of a run on stored means
         eps = torch.randn((G, *x.shape[-3:]), generator=g, device=device)[rank::world_size]
         x = sample_posterior(x, eps)  # (B, C, h, w)
     model_kwargs = dict(y=y, force_drop_ids=drop.long() if dropout_prob > 0 else None)
+    if text is not None:  # this step's caption of each image, encoded by the frozen CLIP model
+        model_kwargs = text.training_kwargs(image_ids, args.global_seed, state.step, G, rank, world_size,
+                                            model_kwargs["force_drop_ids"])
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         losses = diffusion.training_losses(ddp_model, x, t, model_kwargs, noise=noise)["loss"].float()  # (B,)
     loss = losses.mean()
@@ -432,6 +467,8 @@ def build_parser():
                            "encoded on the fly). With --feature-path the VAE named in the latents' manifest "
                            "(extract_features.py --vae) is used and recorded in checkpoints; other values are ignored")
     data.add_argument("--num-workers", type=int, default=4)
+    data.add_argument("--captions", type=str, default=None,
+                      help="text models: MS-COCO captions_*.json of the training images (annotations/captions_train2014.json)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", type=str, choices=model_names(), default="DiT-XL/2")
     add_model_arg(model, help="override a constructor argument of --model, e.g. hidden_size=64 or channel_mult=[1,2] "
@@ -443,6 +480,9 @@ def build_parser():
     model.add_argument("--beta", type=finite_float, default=0.8, help="share of active channels per task")
     model.add_argument("--routing-seed", type=int, default=0, help="seed of the R-TR masks")
     model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    model.add_argument("--text-encoder", type=str, default="openai/clip-vit-large-patch14",
+                       help="text models: frozen CLIP text encoder, a hub name or a local directory (recorded in "
+                            "checkpoints)")
     diff = parser.add_argument_group("diffusion")
     diff.add_argument("--noise-schedule", type=str, choices=NOISE_SCHEDULES, default="squaredcos_cap_v2",
                       help="squaredcos_cap_v2 or its other name cosine (paper); linear = official DiT")
@@ -535,8 +575,8 @@ def open_dataset(args, rank, world_size):
     each rank a share of them, so a file that was bad from the start never crashes a run hours in at its batch.
     """
     try:
-        dataset = build_dataset(data_path=args.data_path, feature_path=args.feature_path,
-                                image_size=args.image_size, kind=args.data_kind, flip=True, seed=args.global_seed)
+        dataset = build_dataset(data_path=args.data_path, feature_path=args.feature_path, image_size=args.image_size,
+                                kind=args.data_kind, flip=True, seed=args.global_seed, captions=args.captions)
     except (OSError, ValueError) as error:  # no dataset kind recognised, an empty class folder, a bad manifest
         flag = "--feature-path" if args.feature_path is not None else "--data-path"
         raise UsageError(f"{flag}: {error}") from None
@@ -592,6 +632,14 @@ def validate_args(args):
     for key in overrides:
         if key in MODEL_ARGS_SET_BY_TRAIN:
             raise UsageError(f"--model-arg {key}=... is set by {MODEL_ARGS_SET_BY_TRAIN[key]}, not by --model-arg")
+    if is_text_model(args.model) and args.captions is None:
+        raise UsageError(f"--model {args.model} is a text-to-image model: give --captions "
+                         f"(MS-COCO annotations/captions_train2014.json)")
+    if is_text_model(args.model) and args.sample_every is not None:
+        raise UsageError("--sample-every draws class-label grids; for a text model sample its checkpoints with "
+                         "sample.py --prompt")
+    if args.captions is not None and not is_text_model(args.model):
+        raise UsageError(f"--captions is for text-to-image models (TextDiT-*), not --model {args.model}")
     if args.routing not in ROUTING_KINDS:
         raise UsageError(f"unknown routing {args.routing!r}; expected one of {', '.join(ROUTING_KINDS)}")
     if not (math.isfinite(args.alpha) and args.alpha > 0):

@@ -10,6 +10,13 @@ The model is any zoo name of models.create_model, at its preset input (DiT: 32x3
 ADM: 64x64x3 pixels) unless --input-size / --in-channels say otherwise; --model-arg overrides any other
 constructor argument (a reduced size on CPU).
 
+Text-to-image (MS-COCO setting, App. C): a TextDiT-* name adds the caption variants, all timed in the same rounds:
+    python benchmarks/train_throughput.py --model TextDiT-B/2 --text-encoder openai/clip-vit-large-patch14
+times the text DiT with captions encoded by the frozen CLIP encoder on the fly (train.py's default) and with
+precomputed token embeddings (already in memory: reading them from disk is not counted), with and without
+routing, next to the class-conditional DiT of the same size (paired: the same round), and the encoder alone,
+whose time over the on-the-fly step is the encoder's share of a step.
+
 One training step is what train.py runs: forward + diffusion loss, backward, AdamW step, EMA update.
 Reports images/s and peak memory for the routed model and the same model without routing, their ratio,
 and the share of the machine's matmul peak: achieved FLOP/s of the training step (3x the forward FLOPs
@@ -75,23 +82,38 @@ def cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs):
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def forward_flops(model, x, t, y):
+def forward_flops(model, x, t, model_kwargs):
     """FLOPs of one forward pass as counted by FlopCounterMode (a multiply-add counts as 2).
 
     DiT-S/2 at 32x32x4 counts 12.1 GFLOPs per image, i.e. the DiT paper's 6.06 GFLOPs of multiply-adds.
     """
     cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops}
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-        model(x, t, y)
+        model(x, t, **model_kwargs)
     return counter.get_total_flops()
 
 
-def build_training_step(args, routing, device):
-    """(step function, training FLOPs per step, {parameters, input}): one train.py step of a fresh model."""
+def benchmark_captions(n, seed=0):
+    """n COCO-like captions of 8 to 15 words (about the length of real COCO captions)."""
+    words = ("a man woman dog cat red blue bus train plate of food on the table street sitting next to "
+             "large small white black two people standing in front with field grass kitchen").split()
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(8, 16, (n,), generator=g).tolist()
+    return [" ".join(words[i] for i in torch.randint(len(words), (k,), generator=g).tolist()) for k in lengths]
+
+
+def build_training_step(args, routing, device, model_name=None, text=None, encoder=None):
+    """(step function, training FLOPs per step, {parameters, input}): one train.py step of a fresh model.
+
+    model_name: default --model; text: None (class labels), "on-the-fly" or "precomputed" captions of `encoder`.
+    """
     torch.manual_seed(0)
-    shape = {k: getattr(args, k) for k in ("input_size", "in_channels", "num_classes") if getattr(args, k) is not None}
-    model = create_model(args.model, **(args.model_args or {}), **shape, routing=routing, alpha=args.alpha,
-                         beta=args.beta).to(device)
+    keys = ("input_size", "in_channels") + (("num_classes",) if text is None else ())
+    shape = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if text is not None:
+        shape.update(context_dim=encoder.width, max_text_len=encoder.max_length)
+    model = create_model(model_name or args.model, **(args.model_args or {}), **shape, routing=routing,
+                         alpha=args.alpha, beta=args.beta).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     diffusion = create_diffusion(timestep_respacing="", noise_schedule="squaredcos_cap_v2")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)  # as train.py
@@ -99,12 +121,22 @@ def build_training_step(args, routing, device):
     dtype = DTYPES[args.mixed_precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     x = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
-    y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
+    if text is None:
+        y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
+        condition = lambda: {"y": y}  # noqa: E731
+    else:
+        captions = benchmark_captions(args.batch_size)
+        drop = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+        context, context_mask = encoder(captions)  # the precomputed tokens, already in memory
+        if text == "on-the-fly":  # as train.py: the frozen encoder runs on the step's captions every step
+            condition = lambda: dict(zip(("context", "context_mask"), encoder(captions)), force_drop_ids=drop)  # noqa: E731
+        else:
+            condition = lambda: {"context": context, "context_mask": context_mask, "force_drop_ids": drop}  # noqa: E731
 
     def step():
         t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = diffusion.training_losses(net, x, t, dict(y=y))["loss"].mean()
+            loss = diffusion.training_losses(net, x, t, condition())["loss"].mean()
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -113,7 +145,7 @@ def build_training_step(args, routing, device):
 
     t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        flops = 3 * forward_flops(model, x, t, y)  # backward ~ 2x forward
+        flops = 3 * forward_flops(model, x, t, condition())  # backward ~ 2x forward (the frozen encoder: none)
     return step, flops, {"parameters": sum(p.numel() for p in model.parameters()), "input": list(x.shape[1:])}
 
 
@@ -185,13 +217,53 @@ def main(args):
         report["images_per_sec_ratio_routed_to_unrouted"] = results[0]["images_per_sec"] / results[1]["images_per_sec"]
         # step time with routing over without, per round (the two steps of a round ran back to back), median
         report["step_time_ratio_routed_to_unrouted_paired"] = statistics.median(a / b for a, b in zip(routed, unrouted))
+    if args.model.startswith("TextDiT-"):
+        report.update(text_benchmark(args, routings, device))
     print(json.dumps(report, indent=1))
+    return report
+
+
+def text_benchmark(args, routings, device):
+    """Text model: encoder on the fly vs precomputed tokens, against the class DiT of the same size (paired rounds)."""
+    from models.text_encoder import FrozenCLIPTextEncoder
+    encoder = FrozenCLIPTextEncoder(args.text_encoder).to(device)
+    class_model = args.model[len("Text"):]  # TextDiT-B/2 -> DiT-B/2
+    timers, flops = {}, {}
+    for routing in routings:
+        for name, model_name, text in ((f"text/{routing}/on-the-fly", args.model, "on-the-fly"),
+                                       (f"text/{routing}/precomputed", args.model, "precomputed"),
+                                       (f"class/{routing}", class_model, None)):
+            timers[name], flops[name], _ = build_training_step(args, routing, device, model_name, text, encoder)
+    captions = benchmark_captions(args.batch_size)
+    timers["encoder"] = lambda: encoder(captions)  # tokenizer + frozen CLIP forward
+    times = {name: [] for name in timers}
+    for round_index in range(args.warmup + args.steps):
+        for name, fn in timers.items():
+            seconds = timed(fn, device)
+            if round_index >= args.warmup:
+                times[name].append(seconds)
+
+    def paired(a, b):  # median over rounds of the per-round ratio (both ran back to back in each round)
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    report = {"text_encoder": args.text_encoder, "text_sec_per_step": {k: min(v) for k, v in times.items()},
+              "text_train_flops_per_step": flops}
+    for routing in routings:
+        report[f"text_over_class_step_time_{routing}"] = paired(f"text/{routing}/precomputed", f"class/{routing}")
+        report[f"on_the_fly_over_precomputed_step_time_{routing}"] = paired(f"text/{routing}/on-the-fly",
+                                                                            f"text/{routing}/precomputed")
+        report[f"encoder_share_of_on_the_fly_step_{routing}"] = paired("encoder", f"text/{routing}/on-the-fly")
+    if len(routings) == 2:
+        report["text_step_time_routed_over_unrouted"] = paired(f"text/{routings[0]}/precomputed", "text/none/precomputed")
     return report
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--model", type=str, choices=model_names(), default="DiT-S/2")
+    parser.add_argument("--model", type=str, choices=model_names(), default="DiT-S/2",
+                        help="a TextDiT-* name adds the text-to-image variants (see above)")
+    parser.add_argument("--text-encoder", type=str, default="openai/clip-vit-large-patch14",
+                        help="TextDiT-*: the frozen CLIP text encoder, a hub name or a local directory")
     add_model_arg(parser, help="override a constructor argument, e.g. model_channels=64 (repeatable)")
     parser.add_argument("--input-size", type=int, default=None, help="default: the preset's (DiT 32 = 256px latents, ADM 64)")
     parser.add_argument("--in-channels", type=int, default=None, help="default: the preset's (DiT 4, ADM 3)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from models.adm import ADM, ADM_models
 from models.dit import DiT, DiT_models
+from models.text_dit import TextDiT, TextDiT_models
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ModelFamily:
 MODEL_FAMILIES = {
     "DiT": ModelFamily(DiT, DiT_models),   # Peebles & Xie (2023), latent or pixel space
     "ADM": ModelFamily(ADM, ADM_models),   # Dhariwal & Nichol (2021), pixel space 64x64
+    "TextDiT": ModelFamily(TextDiT, TextDiT_models),  # text-to-image DiT of the paper's App. C (MS-COCO)
 }
 # Names checkpoints of older versions of this code stored for DiTs built outside the zoo.
 LEGACY_NAMES = {"DiT-custom": "DiT", "custom": "DiT"}

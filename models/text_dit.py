@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.dit import (Attention, DiT_models, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, initialize_dit_weights,
+from models.dit import (Attention, DiT_SHAPES, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, initialize_dit_weights,
                         modulate)
 from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps, make_block_router, routed, validate_routing
 
@@ -237,15 +237,10 @@ class TextDiT(nn.Module):
 #################################################################################
 #                                 Text DiT Configs                              #
 #################################################################################
-# The official DiT zoo shapes (depth, hidden size, heads); patch size from the name.
+# The official DiT zoo shapes (depth, hidden size, heads) with patch size 2, 4 or 8, as constructor
+# arguments: models.create_model("TextDiT-B/2", routing="dtr") builds them (models/registry.py).
 
-TEXT_DIT_SHAPES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
-
-
-def create_text_model(name, **kwargs):
-    """Text-conditional DiT with the zoo shape of a DiT name, e.g. create_text_model("DiT-B/2", routing="dtr")."""
-    if name not in DiT_models:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(DiT_models)}")
-    size, patch_size = name[len("DiT-"):].split("/")
-    depth, hidden_size, num_heads = TEXT_DIT_SHAPES[size]
-    return TextDiT(depth=depth, hidden_size=hidden_size, patch_size=int(patch_size), num_heads=num_heads, **kwargs)
+TextDiT_models = {
+    f"TextDiT-{size}/{patch_size}": dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size)
+    for size, (depth, hidden_size, num_heads) in DiT_SHAPES.items() for patch_size in (2, 4, 8)
+}

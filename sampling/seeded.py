@@ -1,4 +1,4 @@
-"""Sampling in which image i depends only on (global seed, i): its label, start noise and step noise.
+"""Sampling in which image i depends only on (global seed, i): its label or caption, start noise and step noise.
 
 Every sample draws from its own torch.Generator seeded from (global_seed, i), so the images do
 not depend on how samples are split over processes or batches (official DiT seeds one generator
@@ -19,7 +19,7 @@ from storage.checkpoint import checkpoint_flags, load_checkpoint
 
 
 # Independent random streams of one sample.
-LABEL_STREAM, NOISE_STREAM = 0, 1
+LABEL_STREAM, NOISE_STREAM, CAPTION_STREAM = 0, 1, 2
 
 
 def sample_generator(global_seed, index, stream):
@@ -38,6 +38,20 @@ def class_labels(indices, num_classes, global_seed, balanced):
         return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
     return torch.cat([torch.randint(num_classes, (1,), generator=sample_generator(global_seed, i, LABEL_STREAM))
                       for i in indices])
+
+
+def validation_captions(indices, coco, global_seed):
+    """One caption per sample, uniform over every (image, caption) pair of a COCO annotation file.
+
+    Returns [{"index", "image_id", "caption"}] (the record sample_ddp.py writes beside the .npz). Pairs are
+    ordered by image id, then annotation id, so the draw depends only on the file, the seed and i.
+    """
+    pairs = [(image_id, caption) for image_id in coco.image_ids for caption in coco.captions[image_id]]
+    picks = []
+    for i in indices:
+        k = int(torch.randint(len(pairs), (1,), generator=sample_generator(global_seed, i, CAPTION_STREAM)))
+        picks.append({"index": int(i), "image_id": pairs[k][0], "caption": pairs[k][1]})
+    return picks
 
 
 class PerSampleNoise:
@@ -86,15 +100,23 @@ def model_function(model, cfg_scale, guide_channels, mixed_precision):
 
     if cfg_scale == 1.0:
         return model_fn  # guidance at scale 1 is the conditional model: skip the doubled batch
-    # null class = num_classes (official DiT); the wrapper doubles the batch inside each call
-    return ClassifierFreeGuidance(model_fn, cfg_scale, {"y": torch.tensor(model.num_classes)}, guide_channels)
+    # the wrapper doubles the batch inside each call
+    return ClassifierFreeGuidance(model_fn, cfg_scale, null_condition(model), guide_channels)
+
+
+def null_condition(model):
+    """Unconditional model kwargs for CFG: a text model's learned null caption, else the null class (official DiT)."""
+    if hasattr(model, "null_context"):
+        return model.null_condition(with_mask=True)  # the conditional kwargs always carry a context_mask
+    return {"y": torch.tensor(model.num_classes)}  # null class = num_classes
 
 
 @torch.no_grad()
-def generate(model, diffusion, sampler, indices, labels, global_seed, cfg_scale=1.0, guide_channels="all",
+def generate(model, diffusion, sampler, indices, condition, global_seed, cfg_scale=1.0, guide_channels="all",
              mixed_precision="no", progress=False, clip_denoised=False):
-    """Samples (N, C, H, W) in model space for global sample indices and their labels (DDPM, or DDIM eta=0).
+    """Samples (N, C, H, W) in model space for global sample indices and their condition (DDPM, or DDIM eta=0).
 
+    condition: class labels (N,), or the model kwargs of a text model ({"context", "context_mask"}).
     clip_denoised clips the predicted x_0 to [-1, 1]: right for pixel models, wrong for VAE latents.
     """
     if sampler not in ("ddpm", "ddim"):
@@ -105,7 +127,9 @@ def generate(model, diffusion, sampler, indices, labels, global_seed, cfg_scale=
     shape = (len(indices), model.in_channels, model.input_size, model.input_size)
     loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
     # x_T and every step's noise come from each sample's own generator (DDIM with eta = 0 uses none)
-    return loop(model_fn, shape, noise=noise(shape), clip_denoised=clip_denoised, model_kwargs={"y": labels.to(device)},
+    model_kwargs = condition if isinstance(condition, dict) else {"y": condition}
+    model_kwargs = {key: value.to(device) for key, value in model_kwargs.items()}
+    return loop(model_fn, shape, noise=noise(shape), clip_denoised=clip_denoised, model_kwargs=model_kwargs,
                 device=device, progress=progress, noise_fn=lambda x: noise(x.shape))
 
 
@@ -113,12 +137,28 @@ def load_for_sampling(args, device, default_cfg_scale):
     """(model, settings, cfg_scale, diffusion, vae) from a sampling script's --ckpt, --sampler and step flags."""
     model, settings = load_checkpoint(args.ckpt, checkpoint_flags(args), args.use_model_weights)
     model = model.to(device)
-    cfg_scale = resolve_cfg_scale(args.cfg_scale, model.num_classes, default=default_cfg_scale,
-                                  class_dropout_prob=model.config.get("class_dropout_prob", 0.1))
+    # a text model is conditional (no num_classes); its null condition is the learned null caption
+    dropout = model.config.get("class_dropout_prob", model.config.get("caption_dropout_prob", 0.1))
+    cfg_scale = resolve_cfg_scale(args.cfg_scale, getattr(model, "num_classes", None), default=default_cfg_scale,
+                                  class_dropout_prob=dropout)
     respacing = f"ddim{args.num_sampling_steps}" if args.sampler == "ddim" else str(args.num_sampling_steps)
     diffusion = create_diffusion(**{**settings.diffusion_config, "timestep_respacing": respacing})
     vae = None if settings.vae == "none" else load_vae(settings.vae, device)
     return model, settings, cfg_scale, diffusion, vae
+
+
+def load_text_conditioning(settings, model, device, captions_path=None):
+    """The frozen CLIP encoder a text model was trained with (checkpoint's text_encoder, or --text-encoder)."""
+    from models.caption_conditioning import CaptionConditioning  # transformers only for text models
+    try:
+        conditioning = CaptionConditioning.load(settings.text_encoder, captions_path, max_length=model.max_text_len,
+                                                device=device)
+    except (OSError, ValueError) as error:  # encoder not found offline, captions file missing or corrupt
+        raise UsageError(str(error)) from None
+    if conditioning.encoder.width != model.context_dim:
+        raise UsageError(f"text encoder {settings.text_encoder!r} gives {conditioning.encoder.width}-wide tokens but "
+                         f"the model was trained on {model.context_dim}-wide ones (another --text-encoder?)")
+    return conditioning
 
 
 def parse_guide_channels(value):

@@ -131,6 +131,7 @@ class SamplingSettings:
     diffusion_config: dict = field(default_factory=dict)  # create_diffusion kwargs used in training
     weights: str = "ema"            # which weights were loaded: "ema", "model" or "state_dict"
     step: int = -1                  # training step of the checkpoint, -1 if unknown
+    text_encoder: str = None        # text-to-image models: the frozen CLIP encoder (hub name or local directory)
 
 
 def read_checkpoint(path):
@@ -243,10 +244,15 @@ def _load_ours(ckpt, flags, use_model_weights, path):
                              f"a {'pixel' if vae == 'none' else 'latent'}-space model")
         vae = flags["vae"]  # another copy of the same VAE (e.g. a local path on an offline cluster)
     image_size = ckpt.get("image_size") or config["input_size"] * (1 if vae == "none" else LATENT_DOWNSAMPLE)
+    text_encoder = ckpt.get("text_encoder")
+    if flags.get("text_encoder") is not None:
+        if text_encoder is None:
+            raise ValueError(f"--text-encoder given, but {path} is not a text-to-image checkpoint")
+        text_encoder = flags["text_encoder"]  # another copy of the same encoder (e.g. a local directory offline)
     settings = SamplingSettings(model_name=name, image_size=image_size, vae=vae_name(vae),
                                 latent_scale=ckpt.get("latent_scale", LATENT_SCALE),
                                 diffusion_config=diffusion_config, weights=which,
-                                step=int(ckpt.get("step", -1)))
+                                step=int(ckpt.get("step", -1)), text_encoder=text_encoder)
     return model, state_dict, settings
 
 
@@ -343,9 +349,11 @@ def add_checkpoint_arguments(parser):
                         help="ema, mse, a diffusers name or a local path; 'none' for pixel-space models")
     add_model_arg(parser, help="constructor override of --model for raw state_dicts (repeatable), e.g. "
                                "model_channels=128; for our checkpoints it must agree with the stored config")
+    parser.add_argument("--text-encoder", type=str, default=None,
+                        help="text-to-image models: another copy of the checkpoint's CLIP encoder (a local directory)")
     return parser
 
 
 def checkpoint_flags(args):
     """The {name: value} dict load_checkpoint takes, from parsed arguments."""
-    return {k: getattr(args, k) for k in SETTING_FLAGS + ("vae", "model_args")}
+    return {k: getattr(args, k, None) for k in SETTING_FLAGS + ("vae", "model_args", "text_encoder")}

@@ -1,5 +1,4 @@
 """Pins imagedata/coco.py: COCO caption files, the COCO image dataset, per-step caption draws, COCO latents."""
-import argparse
 import json
 import os
 
@@ -124,10 +123,9 @@ def test_extract_features_keys_coco_latents_by_image_id(tmp_path):
                         layers_per_block=1, norm_num_groups=32, sample_size=16)
     vae.save_pretrained(str(tmp_path / "vae"))
     image_dir, path = write_tiny_coco(str(tmp_path / "coco"), num_images=5)
-    args = argparse.Namespace(data_path=image_dir, features_path=str(tmp_path / "feat"), kind="coco", captions=None,
-                              image_size=16, vae=str(tmp_path / "vae"), batch_size=2, num_workers=0, shard_size=3,
-                              skip_bad_images=False, global_seed=0)
-    extract_features.main(args)
+    from test_extract_features import run_args
+    extract_features.main(run_args(image_dir, tmp_path / "feat", str(tmp_path / "vae"), kind="coco", captions=None,
+                                   batch_size=2, shard_size=3, latent_stat="mean"))
     manifest = read_manifest(str(tmp_path / "feat"))
     assert manifest["label_kind"] == LABEL_KIND
     latents = build_dataset(feature_path=str(tmp_path / "feat"), flip=False)

@@ -22,7 +22,7 @@ def randomize(model, seed=0):
 
 def test_every_zoo_name_builds_its_family_with_the_preset():
     names = model_names()
-    assert len(names) == 14 and {"DiT-XL/2", "DiT-S/8", "ADM-ImageNet64", "ADM-FFHQ64"} <= set(names)
+    assert len(names) == 26 and {"DiT-XL/2", "DiT-S/8", "ADM-ImageNet64", "ADM-FFHQ64", "TextDiT-B/2"} <= set(names)
     for name in names:
         with torch.device("meta"):
             model = create_model(name)

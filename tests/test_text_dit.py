@@ -7,8 +7,8 @@ import torch
 from diffusion.guidance import ClassifierFreeGuidance
 from float_comparison import scale_one_guidance_bound
 from models import create_model
-from models.dit import DiT_models
-from models.text_dit import TextDiT, create_text_model
+from models import DiT_models, build_from_config, create_model, model_config, model_names
+from models.text_dit import TextDiT
 
 L, D_TEXT = 6, 16  # caption tokens and text-encoder width of the tiny test model
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
@@ -213,19 +213,31 @@ def test_config_rebuilds_an_identical_model():
     assert model.routing_config() == {"routing": "random", "alpha": 4.0, "beta": 0.8, "routing_seed": 3}
 
 
-def test_zoo_names_give_the_official_dit_shapes():
+def test_registry_names_give_the_official_dit_shapes():
+    assert [n for n in model_names() if n.startswith("TextDiT-")] == ["TextDiT-" + n[4:] for n in DiT_models]
     for name in DiT_models:
         with torch.device("meta"):
             dit = create_model(name, input_size=32)
-            text = create_text_model(name, input_size=32)
-        assert len(text.blocks) == len(dit.blocks)
+            text = create_model("Text" + name, input_size=32, routing="dtr")
+        assert isinstance(text, TextDiT) and len(text.blocks) == len(dit.blocks)
         assert text.x_embedder.proj.weight.shape == dit.x_embedder.proj.weight.shape  # width and patch
         assert text.blocks[0].attn.num_heads == dit.blocks[0].attn.num_heads
+        assert text.config["routing"] == "dtr"
+
+
+def test_checkpoint_config_rebuilds_a_registry_text_model():
+    x, t, context, mask = inputs()
+    model = randomize(create_model("TextDiT-S/2", **{**TINY, "depth": 2}, routing="random", routing_seed=3))
+    rebuilt = build_from_config(model_config("TextDiT-S/2", model)).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(model(x, t, context, mask), rebuilt(x, t, context, mask))
 
 
 def test_unknown_zoo_name_lists_the_zoo():
-    with pytest.raises(ValueError, match="DiT-XL/2"):
-        create_text_model("DiT-M/2")
+    with pytest.raises(ValueError, match="TextDiT-XL/2"):
+        create_model("TextDiT-M/2")
+    with pytest.raises(ValueError, match="num_classes"):  # a text model has no classes
+        create_model("TextDiT-S/2", num_classes=10)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -73,16 +73,22 @@ def test_every_config_parses_and_names_a_valid_model(path):
         assert args.routing == expected and ("_vanilla" in name) == (expected == "none"), name
     with torch.device("meta"):  # the real constructor validates routing against the width, without weights
         input_size = args.image_size if args.vae == "none" else args.image_size // 8
-        model = train.build_model(args, input_size, 4, args.num_classes)
+        text = {"context_dim": 768, "max_text_len": 77} if train.is_text_model(args.model) else None  # CLIP-L/14
+        model = train.build_model(args, input_size, 4, args.num_classes, text)
     assert model.config["routing"] == args.routing and model.config["beta"] == args.beta
 
 
 def test_paper_configs_match_the_paper_settings():
     table1 = {os.path.basename(p): train.parse_args(["--config", p]) for p in CONFIGS if "/table1/" in p}
-    assert len(table1) == 12
+    assert len(table1) == 15
     for name, args in table1.items():
         assert (args.lr, args.ema_decay, args.global_batch_size, args.noise_schedule) == (1e-4, 0.9999, 256, "squaredcos_cap_v2")
         assert args.beta == 0.8 and args.alpha == 4.0, name
+        if name.startswith("coco"):  # text-to-image; the DiT size is our inference (README)
+            assert (args.model, args.max_steps, args.text_encoder) == ("TextDiT-B/2", 400_000,
+                                                                        "openai/clip-vit-large-patch14"), name
+            assert args.captions.endswith("captions_train2014.json"), name
+            continue
         steps, classes = (100_000, 1) if name.startswith("ffhq") else (400_000, 1000)
         model = {"ffhq256": "DiT-B/2", "imagenet256": "DiT-L/2", "ffhq64_": "ADM-FFHQ64", "imagenet64": "ADM-ImageNet64"}
         assert args.model == next(m for prefix, m in model.items() if name.startswith(prefix)), name
@@ -91,7 +97,8 @@ def test_paper_configs_match_the_paper_settings():
             assert (args.vae, args.image_size, args.data_kind) == ("none", 64, "flat" if classes == 1 else "imagefolder")
     # the paper's FIDs (Table 1) in the headers
     paper_fid = {"ffhq64_adm_vanilla": 3.12, "ffhq64_adm_rtr": 3.33, "ffhq64_adm_dtr": 2.65,
-                 "imagenet64_adm_vanilla": 6.34, "imagenet64_adm_rtr": 7.34, "imagenet64_adm_dtr": 4.91}
+                 "imagenet64_adm_vanilla": 6.34, "imagenet64_adm_rtr": 7.34, "imagenet64_adm_dtr": 4.91,
+                 "coco256_dit_b2_vanilla": 7.70, "coco256_dit_b2_rtr": 10.49, "coco256_dit_b2_dtr": 7.04}
     for stem, fid in paper_fid.items():
         header = open(os.path.join(ROOT, "configs", "table1", f"{stem}.yaml")).read().split("\n")[:3]
         assert f"Paper FID-50K: {fid}" in " ".join(header), stem

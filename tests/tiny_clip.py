@@ -51,8 +51,12 @@ def write_clip_tokenizer_files(bpe_path, out_dir):
     return len(vocab)
 
 
-def write_tiny_clip(out_dir, width=TINY_WIDTH, layers=2, heads=2, max_length=77, seed=0):
-    """Save CLIP's tokenizer and a random CLIPTextModel of the given size to out_dir (from_pretrained-able)."""
+def write_tiny_clip(out_dir, width=TINY_WIDTH, layers=2, heads=2, max_length=77, seed=0, intermediate_size=None):
+    """Save CLIP's tokenizer and a random CLIPTextModel of the given size to out_dir (from_pretrained-able).
+
+    write_tiny_clip(dir, width=768, layers=12, heads=12, intermediate_size=3072) has the shape (and cost)
+    of openai/clip-vit-large-patch14's text encoder, for benchmarks without the hub.
+    """
     import torch
     import transformers
     bpe_path = clip_bpe_path()
@@ -64,7 +68,8 @@ def write_tiny_clip(out_dir, width=TINY_WIDTH, layers=2, heads=2, max_length=77,
     tokenizer = transformers.CLIPTokenizer(os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"),
                                            model_max_length=max_length)
     tokenizer.save_pretrained(out_dir)
-    config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+    config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=width,
+                                         intermediate_size=intermediate_size or 2 * width,
                                          num_hidden_layers=layers, num_attention_heads=heads,
                                          max_position_embeddings=max_length, bos_token_id=vocab_size - 2,
                                          eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
