@@ -169,12 +169,16 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py (official DiT)
         torch.backends.cudnn.allow_tf32 = True
     routings = [args.routing] + (["none"] if args.routing != "none" else [])
+    encoder, text = None, None
+    if args.model.startswith("TextDiT-"):  # the main comparison on precomputed tokens; the rest in text_benchmark
+        from models.text_encoder import FrozenCLIPTextEncoder
+        encoder, text = FrozenCLIPTextEncoder(args.text_encoder).to(device), "precomputed"
 
     # Peak memory: each model alone, a few steps after a fresh start of the peak window.
     memory = {}
     for routing in routings:
         reset_peak_memory(device)
-        step, _, _ = build_training_step(args, routing, device)
+        step, _, _ = build_training_step(args, routing, device, text=text, encoder=encoder)
         for _ in range(2):
             step()
         synchronize(device)
@@ -185,7 +189,7 @@ def main(args):
 
     # Throughput: steps of both models and matmul bursts interleaved round by round, so load from other
     # processes on a shared machine hits all of them alike; the fastest round estimates the unloaded speed.
-    steps = {routing: build_training_step(args, routing, device) for routing in routings}
+    steps = {routing: build_training_step(args, routing, device, text=text, encoder=encoder) for routing in routings}
     burst, burst_flops = build_matmul(args.matmul_size, DTYPES[args.mixed_precision], device)
     times = {routing: [] for routing in routings}
     matmul_times = []
@@ -217,16 +221,14 @@ def main(args):
         report["images_per_sec_ratio_routed_to_unrouted"] = results[0]["images_per_sec"] / results[1]["images_per_sec"]
         # step time with routing over without, per round (the two steps of a round ran back to back), median
         report["step_time_ratio_routed_to_unrouted_paired"] = statistics.median(a / b for a, b in zip(routed, unrouted))
-    if args.model.startswith("TextDiT-"):
-        report.update(text_benchmark(args, routings, device))
+    if encoder is not None:
+        report.update(text_benchmark(args, routings, device, encoder))
     print(json.dumps(report, indent=1))
     return report
 
 
-def text_benchmark(args, routings, device):
+def text_benchmark(args, routings, device, encoder):
     """Text model: encoder on the fly vs precomputed tokens, against the class DiT of the same size (paired rounds)."""
-    from models.text_encoder import FrozenCLIPTextEncoder
-    encoder = FrozenCLIPTextEncoder(args.text_encoder).to(device)
     class_model = args.model[len("Text"):]  # TextDiT-B/2 -> DiT-B/2
     timers, flops = {}, {}
     for routing in routings:

@@ -12,6 +12,7 @@ import sample
 import sample_ddp
 import train
 from diffusion import create_diffusion
+from launch.cli import UsageError
 from imagedata.coco import caption_uniforms, draw_captions, read_coco_captions
 from models.caption_conditioning import CaptionConditioning
 from sampling.seeded import generate, to_uint8, validation_captions
@@ -93,14 +94,14 @@ def test_rank_slices_of_a_step_get_the_captions_of_the_global_batch(coco, tiny_c
 def test_text_training_errors_are_clear_and_early(coco, tiny_clip_path, tmp_path):
     args = train.parse_args(["--config", TINY_TEXT, "--data-path", coco["train"], "--results-dir", str(tmp_path)])
     args.captions = None  # as if no config or flag gave it
-    with pytest.raises(ValueError, match="TextDiT-S/2 is a text-to-image model: give --captions"):
+    with pytest.raises(UsageError, match="TextDiT-S/2 is a text-to-image model: give --captions"):
         train.main(args)
-    with pytest.raises(ValueError, match="--captions is for text-to-image models"):
+    with pytest.raises(UsageError, match="--captions is for text-to-image models"):
         train.validate_args(train.parse_args(["--config", os.path.join(ROOT, "configs", "tiny_pixel.yaml"),
                                               "--captions", coco["train_captions"]]))
-    with pytest.raises(OSError, match="--text-encoder openai/clip-vit-base-patch32: .* hub cache"):
+    with pytest.raises(UsageError, match="--text-encoder openai/clip-vit-base-patch32: .* hub cache"):
         train_text(coco, "openai/clip-vit-base-patch32", tmp_path)
-    with pytest.raises(FileNotFoundError, match="listed in .*captions_val2014.json are not in .*train2014"):
+    with pytest.raises(UsageError, match="listed in .*captions_val2014.json are not in .*train2014"):
         train.main(train.parse_args(["--config", TINY_TEXT, "--data-path", coco["train"], "--captions",
                                      coco["val_captions"], "--text-encoder", tiny_clip_path,
                                      "--results-dir", str(tmp_path)]))
@@ -174,11 +175,11 @@ def test_sample_ddp_draws_validation_captions_and_records_them_beside_the_npz(tr
 
 def test_sampling_errors_name_the_missing_input(trained, tmp_path):
     ckpt = f"{trained}/checkpoints/0000004.pt"
-    with pytest.raises(ValueError, match="--prompt"):
+    with pytest.raises(UsageError, match="--prompt"):
         sample.main(sample.build_parser().parse_args(["--ckpt", ckpt, "--out", str(tmp_path / "x.png")]))
-    with pytest.raises(ValueError, match="--captions"):
+    with pytest.raises(UsageError, match="--captions"):
         sample_ddp.main(sample_ddp.build_parser().parse_args(["--ckpt", ckpt, "--sample-dir", str(tmp_path)]))
-    with pytest.raises(OSError, match="--text-encoder /nonexistent/clip"):
+    with pytest.raises(UsageError, match="--text-encoder /nonexistent/clip"):
         sample.main(sample.build_parser().parse_args(["--ckpt", ckpt, "--prompt", "a cat", "--text-encoder",
                                                       "/nonexistent/clip", "--out", str(tmp_path / "x.png")]))
     assert not os.path.exists(tmp_path / "x.png")

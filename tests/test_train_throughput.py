@@ -32,3 +32,20 @@ def test_benchmark_reports_dtr_over_unrouted_for_each_family(model, model_args, 
     assert report["step_time_ratio_routed_to_unrouted_paired"] > 0
     assert report["images_per_sec_ratio_routed_to_unrouted"] == pytest.approx(
         dtr["images_per_sec"] / none["images_per_sec"])
+
+
+def test_text_benchmark_pairs_the_text_model_with_the_class_model_and_the_encoder(tiny_clip_path):
+    argv = ["--model", "TextDiT-S/2", "--input-size", "8", "--batch-size", "2", "--threads", "1", "--steps", "2",
+            "--warmup", "0", "--matmul-size", "64", "--text-encoder", tiny_clip_path,
+            *[f"--model-arg={a}" for a in ["hidden_size=32", "depth=2", "num_heads=2"]]]
+    report = train_throughput.main(train_throughput.build_parser().parse_args(argv))
+    flops = report["text_train_flops_per_step"]
+    # cross-attention costs FLOPs the class model does not have; DTR adds none; the encoder adds no training FLOPs
+    assert flops["text/dtr/precomputed"] == flops["text/none/precomputed"] > flops["class/dtr"] > 0
+    assert flops["text/dtr/on-the-fly"] == flops["text/dtr/precomputed"]
+    assert set(report["text_sec_per_step"]) == {*flops, "encoder"}
+    for key in ("text_over_class_step_time_dtr", "on_the_fly_over_precomputed_step_time_dtr",
+                "encoder_share_of_on_the_fly_step_dtr", "text_step_time_routed_over_unrouted"):
+        assert report[key] > 0, key
+    assert report["parameters"] == sum(p.numel() for p in create_model(
+        "TextDiT-S/2", **report["model_args"], input_size=8, context_dim=16).parameters())
