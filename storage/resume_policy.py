@@ -8,6 +8,8 @@ model group (the optimizer state would otherwise silently restore the old one) a
 model, routing and diffusion (loss weighting) are checked against the checkpoint's configs elsewhere.
 """
 
+from launch.cli import UsageError
+
 # argparse dest -> flag, for the settings a resume must keep
 FIXED_ON_RESUME = {"global_batch_size": "--global-batch-size", "global_seed": "--global-seed",
                    "ema_decay": "--ema-decay"}
@@ -29,7 +31,7 @@ def check_fixed_settings(checkpoint, args, dataset_info, path):
         if key in saved_data and saved_data[key] != value:
             differ.append(f"dataset {key.replace('_', ' ')} {saved_data[key]} in the checkpoint, {value} now")
     if differ:
-        raise ValueError(f"cannot resume {path} with other trajectory settings ({'; '.join(differ)}); "
+        raise UsageError(f"cannot resume {path} with other trajectory settings ({'; '.join(differ)}); "
                          "restore them or start a new run")
 
 

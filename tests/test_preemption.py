@@ -2,6 +2,7 @@
 gloo ranks), --resume auto then equals an uninterrupted run bit for bit, and trajectory settings are kept."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import train
+from launch.cli import UsageError
 from launch.preemption import PreemptionFlag
 from float_comparison import intra_op_threads
 from test_train import TINY, images, load  # noqa: F401  (the module-scoped image folder fixture)
@@ -141,8 +143,15 @@ def test_new_lr_is_applied_logged_and_recorded_and_trajectory_changes_are_refuse
     cases = [(["--global-batch-size", 8], "--global-batch-size 4 in the checkpoint, 8 now"),
              (["--global-seed", 1], "--global-seed 0 in the checkpoint, 1 now"),
              (["--ema-decay", 0.99], "--ema-decay 0.9999 in the checkpoint, 0.99 now"),
-             (["--loss-weighting", "p2"], "loss_weighting: checkpoint 'vanilla' vs this run 'p2'")]
+             ]
+    fewer = tmp_path / "fewer-images"  # the data moved and lost 4 images: another epoch layout
+    shutil.copytree(images, fewer)
+    for name in sorted(os.listdir(fewer / "a"))[:4]:
+        os.remove(fewer / "a" / name)
+    cases.append((["--data-path", fewer], "dataset num samples 24 in the checkpoint, 20 now"))
     for flags, message in cases:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(UsageError, match=message):  # one line, exit code 2 on the command line
             run(*common, "--max-steps", 4, *flags)
+    with pytest.raises(ValueError, match="loss_weighting: checkpoint 'vanilla' vs this run 'p2'"):
+        run(*common, "--max-steps", 4, "--loss-weighting", "p2")
     assert sorted(os.listdir(f"{exp}/checkpoints")) == ["0000002.pt", "0000003.pt"]  # nothing written

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from launch.cli import UsageError
 from launch.process_group import first_host, resolve_device, setup_distributed, slurm_environment
 from test_train import TINY, images, load  # noqa: F401  (the module-scoped image folder fixture)
 
@@ -34,11 +35,11 @@ def test_slurm_variables_map_to_torchrun_ones_and_one_task_is_no_group():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_a_gpu_is_an_error_and_auto_falls_back_to_cpu():
-    with pytest.raises(ValueError, match="--device cuda but no CUDA device is visible"):
+    with pytest.raises(UsageError, match="--device cuda but no CUDA device is visible"):
         setup_distributed("cuda")
     assert resolve_device("auto") == "cpu"
     assert setup_distributed("auto")[:2] == (0, 1)
-    with pytest.raises(ValueError, match="--dist-timeout must be > 0"):
+    with pytest.raises(UsageError, match="--dist-timeout must be > 0"):
         setup_distributed("auto", 0)
 
 
