@@ -1,6 +1,6 @@
 """Encode an image dataset into VAE latents (image and its horizontal flip) stored as mmap-able shards.
 
-Latent models train on precomputed SD-VAE latents (SPEC Sec. 5; 256x256x3 -> 32x32x4, scale 0.18215).
+Latent models train on precomputed SD-VAE latents (App. C: Stable Diffusion's VAE; 256x256x3 -> 32x32x4, scale 0.18215).
 Each image is stored with the latent of its mirror image so that the paper's random horizontal flip
 survives precomputation; imagedata.LatentFeatureDataset picks one of the two per sample and epoch.
 By default (--latent-stat posterior) the VAE posterior's mean AND standard deviation are stored, times

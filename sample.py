@@ -1,4 +1,4 @@
-"""Draw a grid of samples from a trained DiT or ADM checkpoint (with or without DTR) into one PNG (SPEC 6).
+"""Draw a grid of samples from a DiT or ADM checkpoint (with or without DTR) into one PNG (App. C: DDPM 250 steps).
 
     python sample.py --ckpt results/000-DiT-L-2/checkpoints/0400000.pt --class-labels 207 360 --samples-per-class 4
     python sample.py --ckpt results/001-ADM-ImageNet64/checkpoints/0400000.pt   # any backbone, no model flags

@@ -1,4 +1,4 @@
-"""Sample N images (50K for FID) over torchrun processes into one .npz for the ADM evaluator (SPEC 6).
+"""Sample N images (50K for FID) over torchrun processes into one .npz for the ADM evaluator (App. C: 50K samples).
 
     torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py --ckpt results/000-DiT-L-2/checkpoints/0400000.pt
     torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py --ckpt results/001-TextDiT-B-2/checkpoints/0400000.pt \

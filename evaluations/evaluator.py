@@ -1,4 +1,4 @@
-"""ADM-protocol evaluator in PyTorch: `python -m evaluations.evaluator REF.npz SAMPLE.npz` (SPEC section 7).
+"""ADM-protocol evaluator in PyTorch: `python -m evaluations.evaluator REF.npz SAMPLE.npz` (App. C: ADM's protocol).
 
 Prints Inception Score, FID, sFID, Precision and Recall like ADM's evaluator.py and writes them as JSON
 beside the sample file. Reference statistics computed from images are cached beside the reference file.

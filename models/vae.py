@@ -1,4 +1,4 @@
-"""The Stable Diffusion VAE of latent DiTs (SPEC Sec. 5): names, scale, loading, encoding with flips, decoding.
+"""The Stable Diffusion VAE of latent DiTs (App. C): names, scale, loading, encoding with flips, decoding.
 
 Latent models see VAE latents times LATENT_SCALE (256x256x3 -> 32x32x4); pixel-space models (ADM, the
 tiny DiTs) use no VAE, written "none" in flags and checkpoints. diffusers is imported only when a VAE

@@ -1,4 +1,4 @@
-"""Every global random number generator of a process, captured and restored for an exact resume (SPEC Sec. 5)."""
+"""Every global random number generator of a process, captured and restored so that a resume continues bit for bit."""
 import random
 
 import numpy as np

@@ -1,8 +1,10 @@
-"""pyproject.toml declares what the code imports: run-time imports in dependencies or an extra, test-only ones in dev."""
+"""The repository describes itself truly: pyproject.toml declares what the code imports (run-time imports in
+dependencies or an extra, test-only ones in dev), README's layout table names every top-level file and folder."""
 import ast
 import glob
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -72,3 +74,18 @@ def test_every_import_is_declared_and_every_runtime_dependency_is_imported():
     assert groups["dev"] - groups["dependencies"] - runtime <= tests, "dev packages the tests do not import"
     assert tests - runtime <= groups["dev"] | groups["eval"] | groups["text"] | groups["data wheels"], \
         "test-only imports outside dev"
+
+
+def test_readme_layout_table_names_every_top_level_file_and_folder():
+    try:
+        tracked = subprocess.run(["git", "-C", ROOT, "ls-files"], capture_output=True, text=True, check=True,
+                                 timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("not a git checkout")
+    top_level = {path.split("/")[0] for path in tracked}
+    with open(os.path.join(ROOT, "README.md")) as f:
+        table = f.read().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = {path.split("/")[0] for row in table.splitlines() if row.startswith("| `")
+             for path in re.findall(r"`([^`]+)`", row.split(" | ")[0])}
+    assert top_level - named == set(), "missing from README's layout table"
+    assert named - top_level == set(), "in README's layout table but not in the repository"
