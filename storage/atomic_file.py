@@ -55,17 +55,22 @@ def atomic_write(path, write, mode="wb"):
         raise OSError(error.errno, error.strerror, path) from error
     try:
         os.fchmod(handle, _new_file_mode(path))
-        with os.fdopen(handle, mode) as raw:
-            f = _RecordingFile(raw)
+        raw = os.fdopen(handle, mode)
+        f = _RecordingFile(raw)
+        try:
+            write(f)
+            raw.flush()
+            os.fsync(raw.fileno())
+            raw.close()
+        except BaseException as error:
             try:
-                write(f)
-                raw.flush()
-                os.fsync(raw.fileno())
-            except BaseException as error:
-                cause = error if isinstance(error, OSError) else f.error
-                if cause is not None and cause.errno in DISK_ERRNOS:
-                    raise OSError(cause.errno, cause.strerror, path) from error
-                raise
+                raw.close()  # flushing what is left fails the same way on a full disk; report the first failure
+            except OSError:
+                pass
+            cause = error if isinstance(error, OSError) else f.error
+            if cause is not None and cause.errno in DISK_ERRNOS:
+                raise OSError(cause.errno, cause.strerror, path) from error
+            raise
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

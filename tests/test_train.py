@@ -3,6 +3,7 @@ import glob
 import json
 import io
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -291,6 +292,19 @@ def test_damaged_images_stop_training_before_it_starts_and_name_the_files(tmp_pa
     # a whole image passes (so the check cannot simply reject everything)
     from imagedata.image_folder import image_file_problem
     assert image_file_problem(str(data / "a" / "1.png")) is None
+
+
+def test_a_disk_that_refuses_the_checkpoint_is_one_line_naming_it(tmp_path, images):
+    # RLIMIT_FSIZE fails write(2) past 64 KiB with EFBIG, as a full disk fails it with ENOSPC; torch.save alone
+    # would report "[enforce fail at inline_container.cc] unexpected pos" without the path
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--data-path", images,
+                             "--results-dir", str(tmp_path), "--max-steps", "1"], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=240, preexec_fn=limit)
+    path = f"{tmp_path}/000-DiT-S-2/checkpoints/0000001.pt"
+    assert (result.returncode, result.stderr) == (1, f"train.py: error: {path}: File too large\n")
+    assert ckpts(f"{tmp_path}/000-DiT-S-2") == []  # no checkpoint and no temp file
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
