@@ -195,11 +195,8 @@ def build_training_state(args, dataset, device, text=None):
     """(TrainingState at step 0, diffusion): model, its EMA, AdamW, loss weighting; the same on every rank."""
     input_size, in_channels = check_data_fits_model(args, dataset)
     torch.manual_seed(args.global_seed)  # same init on every rank and any world size
-    try:  # the constructor checks the shape: data size, --model-arg values
-        model = build_model(args, input_size, in_channels, args.num_classes,
-                            text.model_overrides() if text is not None else None).to(device)
-    except ValueError as error:
-        raise UsageError(f"--model {args.model} does not build with these settings: {error}") from None
+    model = build_model(args, input_size, in_channels, args.num_classes,  # the model checks its shape
+                        text.model_overrides() if text is not None else None).to(device)
     ema = copy.deepcopy(model).to(device)  # EMA starts as a copy of the model (official DiT)
     requires_grad(ema, False)
     diffusion_config = diffusion_config_of(args)
@@ -543,6 +540,7 @@ def config_to_argv(parser, path):
     argv = []
     for key, value in config.items():
         if str(key).replace("-", "_") == "model_args":
+            value = {} if value is None else value  # a run record of a run without overrides
             if not isinstance(value, dict):
                 raise UsageError(f"model_args in config {path} must be a mapping of constructor arguments to "
                                  f"values, got {value!r}")

@@ -107,6 +107,21 @@ def test_paper_configs_match_the_paper_settings():
     assert (t3.model, t3.routing, t3.loss_weighting, t3.max_steps) == ("DiT-L/2", "dtr", "ant-uw", 2_000_000)
 
 
+def test_model_args_in_a_config_round_trip_and_an_empty_mapping_means_none(tmp_path):
+    config = tmp_path / "adm.yaml"
+    config.write_text("model: ADM-FFHQ64\nmodel_args: {model_channels: 64, channel_mult: [1, 2, 2], "
+                      "attention_resolutions: '32,16'}\n")
+    args = train.parse_args(["--config", str(config), "--model-arg", "num_res_blocks=2"])
+    assert train.model_overrides(args) == {"model_channels": 64, "channel_mult": [1, 2, 2],
+                                           "attention_resolutions": "32,16", "num_res_blocks": 2}
+    with torch.device("meta"):
+        model = train.build_model(args, 64, 3, 1)
+    assert (model.config["channel_mult"], model.config["attention_resolutions"]) == ((1, 2, 2), (32, 16))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("model: DiT-S/2\nmodel-args: null\n")  # what a run record of a run without overrides holds
+    assert train.model_overrides(train.parse_args(["--config", str(empty)])) == {}
+
+
 def test_config_unknown_key_is_an_error_naming_it(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: DiT-S/2\nlearning-rate: 0.1\nalhpa: 3\n")
