@@ -45,9 +45,8 @@ class PreemptionFlag:
         return False
 
     def handle(self, signum, frame):
-        """Signal handler: remember the signal; a second Ctrl-C stops at once, as Python's default would."""
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        """Signal handler: remember the first signal. Repeats are ignored: Ctrl-C under torchrun reaches a
+        worker twice (from the terminal and forwarded by torchrun); Ctrl-\\ (SIGQUIT) still stops at once."""
         if self.signum is None:
             self.signum = signum
 

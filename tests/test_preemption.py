@@ -60,7 +60,7 @@ def assert_same_state(a, b):
 #                                    Signals                                    #
 #################################################################################
 
-def test_flag_records_the_first_signal_and_a_second_ctrl_c_stops_at_once():
+def test_flag_records_the_first_signal_and_restores_the_handlers():
     before = signal.getsignal(signal.SIGINT)
     with PreemptionFlag() as flag:
         assert not flag.stop_requested()
@@ -70,9 +70,8 @@ def test_flag_records_the_first_signal_and_a_second_ctrl_c_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored on exit
     with PreemptionFlag() as flag:
         os.kill(os.getpid(), signal.SIGINT)
-        assert flag.stop_requested()
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C under torchrun: the terminal's and torchrun's copy
+        assert flag.stop_requested() and flag.name == "SIGINT"  # no KeyboardInterrupt mid-step
 
 
 def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_auto_is_bitwise(tmp_path, images):
