@@ -28,6 +28,7 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from launch.cli import UsageError, finite_float, make_output_dir, run_command
 from storage.atomic_file import atomic_write
 from imagedata.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_files
 from models.routing import NUM_TIMESTEPS, build_masks
@@ -57,7 +58,7 @@ def obtain_fashion_mnist(data_path=None, download_root="data"):
     """Folder holding Fashion-MNIST: --data-path, Debian's package (installed with apt when root), or torchvision's download."""
     if data_path is not None:
         if not has_fashion_mnist(data_path):
-            raise FileNotFoundError(f"--data-path {data_path} does not hold the Fashion-MNIST train and t10k IDX files")
+            raise UsageError(f"--data-path {data_path} does not hold the Fashion-MNIST train and t10k IDX files")
         return data_path
     if has_fashion_mnist(DEBIAN_FASHION_MNIST):
         return DEBIAN_FASHION_MNIST
@@ -332,16 +333,24 @@ def main(args):
     for flag in ("steps", "num_fid_samples", "ref_images", "nproc", "grid_sampling_steps", "fid_sampling_steps"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    with open(args.config) as f:
-        config = {str(k).replace("-", "_"): v for k, v in (yaml.safe_load(f) or {}).items()}
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    for flag in ("grid_cfg_scale", "fid_cfg_scale"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
+    try:
+        with open(args.config) as f:
+            config = {str(k).replace("-", "_"): v for k, v in (yaml.safe_load(f) or {}).items()}
+    except (OSError, yaml.YAMLError, AttributeError) as error:  # missing, unreadable, or not a mapping
+        raise UsageError(f"--config {args.config}: {getattr(error, 'strerror', None) or ' '.join(str(error).split())}") from None
     routing = args.routing or config.get("routing", "dtr")
     steps = args.steps or config.get("max_steps")
     if steps is None:
-        raise ValueError(f"{args.config} sets no max-steps; pass --steps")
+        raise UsageError(f"{args.config} sets no max-steps; pass --steps")
+    if args.data_path is not None and not has_fashion_mnist(args.data_path):  # before anything is written
+        raise UsageError(f"--data-path {args.data_path} does not hold the Fashion-MNIST train and t10k IDX files")
     run_dir = os.path.abspath(os.path.join(args.results_dir, args.run_name or f"demo-fashion-mnist-{routing}"))
     logs = os.path.join(run_dir, "logs")
-    os.makedirs(logs, exist_ok=True)
+    make_output_dir(logs, "--results-dir")
     timings = {}
 
     start = time.time()
@@ -448,10 +457,10 @@ def build_parser():
     parser.add_argument("--grid-sampler", type=str, choices=["ddpm", "ddim"], default="ddpm",
                         help="ancestral DDPM draws visibly cleaner grids from this short run than DDIM")
     parser.add_argument("--grid-sampling-steps", type=int, default=100)
-    parser.add_argument("--grid-cfg-scale", type=float, default=4.0, help="official DiT's grid setting")
+    parser.add_argument("--grid-cfg-scale", type=finite_float, default=4.0, help="official DiT's grid setting")
     parser.add_argument("--fid-sampler", type=str, choices=["ddpm", "ddim"], default="ddim")
     parser.add_argument("--fid-sampling-steps", type=int, default=25, help="fewer than the grid's: 500 images on CPU")
-    parser.add_argument("--fid-cfg-scale", type=float, default=1.5, help="the paper's FID setting")
+    parser.add_argument("--fid-cfg-scale", type=finite_float, default=1.5, help="the paper's FID setting")
     parser.add_argument("--num-fid-samples", type=int, default=500)
     parser.add_argument("--ref-images", type=int, default=500, help="t10k images in the FID reference")
     parser.add_argument("--ref-seed", type=int, default=0, help="seed of the reference subset")
@@ -460,4 +469,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_command(main, build_parser())

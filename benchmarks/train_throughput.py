@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 from diffusion import create_diffusion  # noqa: E402
+from launch.cli import finite_float  # noqa: E402
 from launch.model_args import add_model_arg  # noqa: E402
 from models import ROUTING_KINDS, create_model, model_names  # noqa: E402
 from train import update_ema  # noqa: E402
@@ -273,8 +274,8 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mixed-precision", type=str, choices=list(DTYPES), default="no")
     parser.add_argument("--routing", type=str, choices=ROUTING_KINDS, default="dtr")
-    parser.add_argument("--alpha", type=float, default=4.0)
-    parser.add_argument("--beta", type=float, default=0.8)
+    parser.add_argument("--alpha", type=finite_float, default=4.0)
+    parser.add_argument("--beta", type=finite_float, default=0.8)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model, as train.py --compile")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (ignored on GPU)")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each model per round)")

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import demo
+from launch.cli import UsageError
 from imagedata.fashion_mnist import FASHION_MNIST_CLASSES
 from models.routing import active_channels
 
@@ -94,10 +95,15 @@ def test_demo_loss_curve_covers_every_logged_step(run_dir):
 
 
 def test_demo_rejects_a_data_path_without_fashion_mnist(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not hold the Fashion-MNIST"):
-        demo.main(demo_args(tmp_path, "--data-path", str(tmp_path)))
+    with pytest.raises(UsageError, match="does not hold the Fashion-MNIST"):
+        demo.main(demo_args(tmp_path, "--data-path", str(tmp_path), "--results-dir", str(tmp_path / "results")))
+    assert not os.path.exists(tmp_path / "results")  # nothing written for a rejected command
 
 
 def test_demo_rejects_non_positive_counts(tmp_path):
-    with pytest.raises(ValueError, match="--num-fid-samples must be >= 1"):
+    with pytest.raises(UsageError, match="--num-fid-samples must be >= 1"):
         demo.main(demo_args(tmp_path, "--num-fid-samples", "0"))
+    with pytest.raises(UsageError, match="--fid-cfg-scale must be a finite number >= 0, got -1.0"):
+        demo.main(demo_args(tmp_path, "--fid-cfg-scale", "-1"))
+    with pytest.raises(SystemExit):  # argparse: expected a finite number
+        demo_args(tmp_path, "--grid-cfg-scale", "nan")
