@@ -1,0 +1,110 @@
+"""Cost of DTR for the zoo (Table 7, App. E): parameters, forward GFLOPs, training images/s with and without DTR.
+
+    python -m analysis.cost --models DiT-S/2 DiT-B/2 --batch-size 4 --out cost.md    # measured on this machine
+
+DTR adds no parameters and only a mask multiply per block, so its FLOPs equal the vanilla model's; what it can
+cost is wall time. Training steps are train.py's (benchmarks/train_throughput.py: forward + loss, backward, AdamW,
+EMA); the vanilla and DTR steps alternate round by round and the fastest round of each is reported, so load from
+other processes on a shared machine hits both alike. FLOPs are FlopCounterMode's (a multiply-add counts 2).
+"""
+import argparse
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.train_throughput import build_training_step, forward_flops, timed
+from models import DiT_models, create_model
+from storage.atomic_file import atomic_write
+
+
+def model_cost(name, input_size, in_channels, num_classes):
+    """(parameters, forward GFLOPs per image) of a zoo model (vanilla; DTR has the same of both)."""
+    torch.manual_seed(0)
+    model = create_model(name, input_size=input_size, in_channels=in_channels, num_classes=num_classes).eval()
+    x = torch.randn(1, in_channels, input_size, input_size)
+    t, y = torch.tensor([500]), torch.tensor([0])
+    return sum(p.numel() for p in model.parameters()), forward_flops(model, x, t, y) / 1e9
+
+
+def training_speed(name, args, device):
+    """{routing: training images/s} for vanilla and DTR: fastest of args.rounds interleaved rounds."""
+    config = SimpleNamespace(model=name, input_size=args.input_size, in_channels=args.in_channels,
+                             num_classes=args.num_classes, alpha=args.alpha, beta=args.beta, compile=False,
+                             mixed_precision="no", batch_size=args.batch_size)
+    steps = {routing: build_training_step(config, routing, device)[0] for routing in ("none", "dtr")}
+    seconds = {routing: [] for routing in steps}
+    for round_index in range(args.warmup + args.rounds):
+        for routing, step in steps.items():
+            elapsed = timed(step, device)
+            if round_index >= args.warmup:
+                seconds[routing].append(elapsed)
+    return {routing: args.batch_size / min(values) for routing, values in seconds.items()}
+
+
+def cost_table(rows, args, device, threads):
+    """Markdown: one row per model, the measuring machine and settings underneath."""
+    lines = ["| model | params (M) | forward GFLOPs | train images/s vanilla | train images/s DTR | DTR / vanilla |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['params'] / 1e6:.1f} | {row['gflops']:.2f} | {row['none']:.2f} | "
+                     f"{row['dtr']:.2f} | {row['dtr'] / row['none']:.3f} |")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} thread(s)"
+    lines += ["", f"Input {args.in_channels}x{args.input_size}x{args.input_size}, {args.num_classes} classes; "
+              f"training batch {args.batch_size}, fp32, {where}; fastest of {args.rounds} interleaved rounds after "
+              f"{args.warmup} warm-up; DTR alpha {args.alpha:g}, beta {args.beta:g}. Parameters and FLOPs are the "
+              "same with and without DTR (the masks are fixed buffers, not parameters)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    """Measure every requested model and write (and print) the markdown table."""
+    unknown = [m for m in args.models if m not in DiT_models]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; expected names from {', '.join(DiT_models)}")
+    for flag in ("batch_size", "rounds", "input_size", "in_channels", "num_classes", "threads"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in tqdm(args.models, desc="models"):
+        start = time.time()
+        params, gflops = model_cost(name, args.input_size, args.in_channels, args.num_classes)
+        rows.append({"model": name, "params": params, "gflops": gflops, **training_speed(name, args, device),
+                     "seconds": time.time() - start})
+    table = cost_table(rows, args, device, torch.get_num_threads())
+    if args.out:
+        atomic_write(args.out, lambda f: f.write(table), mode="w")
+    print(table)
+    return rows
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=str, nargs="+", default=list(DiT_models), help="zoo names; default all")
+    parser.add_argument("--input-size", type=int, default=32, help="latent side: 32 = 256px images (SD VAE)")
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=4, help="training images per step")
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps of each model")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--alpha", type=float, default=4.0)
+    parser.add_argument("--beta", type=float, default=0.8)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--device", type=str, default=None)
+    parser.add_argument("--out", type=str, default=None, help="also write the markdown here")
+    return parser
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    try:
+        main(args)
+    except ValueError as error:  # bad input: one line, exit 2 like argparse
+        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+        sys.exit(2)
