@@ -12,13 +12,13 @@ similar representations for the two denoising tasks; DTR lowers it between dista
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 
 from diffusion import create_diffusion
 from imagedata import build_dataset
+from launch.cli import UsageError, run_command
 from storage.atomic_file import atomic_write
 from storage.checkpoint import load_checkpoint
 
@@ -63,7 +63,7 @@ def cka_matrix(features):
 def fixed_inputs(dataset, num_images, seed):
     """(x_0 (N, C, H, W), y (N,)): a seeded subset of the dataset, the same on every call."""
     if num_images > len(dataset):
-        raise ValueError(f"--num-images {num_images} exceeds the {len(dataset)} samples of the data")
+        raise UsageError(f"--num-images {num_images} exceeds the {len(dataset)} samples of the data")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images]
     items = [dataset[int(i)] for i in order]
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
@@ -135,11 +135,11 @@ def plot_cka(cka, timesteps, out_path, title, columns=4):
 def main(args):
     """Load a checkpoint, compute per-block timestep CKA on fixed inputs, write cka.png and cka.npz."""
     if args.num_images < 2 or args.num_timesteps < 2:
-        raise ValueError(f"--num-images and --num-timesteps must be >= 2, got {args.num_images}, {args.num_timesteps}")
+        raise UsageError(f"--num-images and --num-timesteps must be >= 2, got {args.num_images}, {args.num_timesteps}")
     if (args.data_path is None) == (args.feature_path is None):
-        raise ValueError("give exactly one of --data-path (pixel models: images) and --feature-path (latents)")
+        raise UsageError("give exactly one of --data-path (pixel models: images) and --feature-path (latents)")
     if not os.path.isfile(args.ckpt):
-        raise ValueError(f"--ckpt {args.ckpt}: no such file")
+        raise UsageError(f"--ckpt {args.ckpt}: no such file")
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, settings = load_checkpoint(args.ckpt, use_model_weights=args.use_model_weights)
@@ -152,7 +152,7 @@ def main(args):
     x0, y = fixed_inputs(dataset, args.num_images, args.seed)
     expected = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
     if tuple(x0.shape[1:]) != expected:
-        raise ValueError(f"the data gives inputs {tuple(x0.shape[1:])}, the model takes {expected}")
+        raise UsageError(f"the data gives inputs {tuple(x0.shape[1:])}, the model takes {expected}")
     if model.num_classes == 1:
         y = torch.zeros_like(y)  # unconditional models have one class
     cka = timestep_cka(model, diffusion, x0.to(device), y.to(device), timesteps, args.seed, args.batch_size)
@@ -183,9 +183,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    try:
-        main(args)
-    except ValueError as error:  # bad input: one line, exit 2 like argparse
-        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main, build_parser())

@@ -8,8 +8,6 @@ EMA); the vanilla and DTR steps alternate round by round and the fastest round o
 other processes on a shared machine hits both alike. FLOPs are FlopCounterMode's (a multiply-add counts 2).
 """
 import argparse
-import os
-import sys
 import time
 from types import SimpleNamespace
 
@@ -17,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.train_throughput import build_training_step, forward_flops, timed
+from launch.cli import UsageError, run_command
 from models import DiT_models, create_model
 from storage.atomic_file import atomic_write
 
@@ -64,10 +63,10 @@ def main(args):
     """Measure every requested model and write (and print) the markdown table."""
     unknown = [m for m in args.models if m not in DiT_models]
     if unknown:
-        raise ValueError(f"unknown model(s) {', '.join(unknown)}; expected names from {', '.join(DiT_models)}")
+        raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected names from {', '.join(DiT_models)}")
     for flag in ("batch_size", "rounds", "input_size", "in_channels", "num_classes", "threads"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -102,9 +101,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    try:
-        main(args)
-    except ValueError as error:  # bad input: one line, exit 2 like argparse
-        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main, build_parser())

@@ -8,10 +8,10 @@ purple off (viridis' two ends, as the paper). The tables are also written as <ou
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 
+from launch.cli import UsageError, run_command
 from models.routing import ROUTING_KINDS, build_masks, validate_routing
 from storage.atomic_file import atomic_write
 
@@ -71,7 +71,10 @@ def main(args):
     for kind in args.kinds:
         for alpha in args.alphas:
             for beta in args.betas:
-                validate_routing(kind, args.num_tasks, args.channels, alpha, beta)
+                try:
+                    validate_routing(kind, args.num_tasks, args.channels, alpha, beta)
+                except ValueError as error:
+                    raise UsageError(str(error)) from None
     panels = mask_panels(args.kinds, args.alphas, args.betas, args.channels, args.num_tasks, args.seed)
     plot_masks(panels, args.out, args.columns)
     print(f"{len(panels)} mask tables -> {args.out} and {os.path.splitext(args.out)[0]}.npz")
@@ -92,9 +95,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    try:
-        main(args)
-    except ValueError as error:  # bad alpha/beta/channels: one line, exit 2 like argparse
-        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main, build_parser())

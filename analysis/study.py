@@ -25,6 +25,7 @@ import numpy as np
 import sample_ddp
 from evaluations.metrics import feature_statistics, frechet_distance
 from imagedata.fashion_mnist import fashion_mnist_files
+from launch.cli import UsageError, run_command
 from storage.atomic_file import atomic_write
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +50,9 @@ def train_command(settings, routing, seed, results_dir, resume=None):
     size = STUDY_SIZES[settings["size"]]
     cmd = [sys.executable, "train.py", "--data-path", settings["data_path"], "--image-size", str(size["image_size"]),
            "--num-classes", "10", "--vae", "none", "--num-workers", "0",
-           "--model", "DiT-S/2", "--hidden-size", str(size["hidden_size"]), "--depth", str(size["depth"]),
-           "--num-heads", str(size["num_heads"]), "--patch-size", str(size["patch_size"]),
+           "--model", "DiT-S/2", "--model-arg", f"hidden_size={size['hidden_size']}",
+           "--model-arg", f"depth={size['depth']}", "--model-arg", f"num_heads={size['num_heads']}",
+           "--model-arg", f"patch_size={size['patch_size']}",
            "--routing", routing, "--alpha", str(settings["alpha"]), "--beta", str(settings["beta"]),
            "--routing-seed", str(seed), "--global-seed", str(seed),
            "--max-steps", str(settings["steps"]), "--global-batch-size", str(settings["batch_size"]),
@@ -316,20 +318,20 @@ def check_args(args):
     """One clear error for bad flags, before anything runs or is written."""
     for flag in ("steps", "eval_every", "batch_size", "sampling_steps", "threads", "ref_images"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.steps % args.eval_every != 0:
-        raise ValueError(f"--eval-every {args.eval_every} must divide --steps {args.steps} (the last evaluation "
+        raise UsageError(f"--eval-every {args.eval_every} must divide --steps {args.steps} (the last evaluation "
                          "is the final checkpoint)")
     if args.num_fid_samples < 10:
-        raise ValueError(f"--num-fid-samples must be >= 10, got {args.num_fid_samples}")
+        raise UsageError(f"--num-fid-samples must be >= 10, got {args.num_fid_samples}")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
-        raise ValueError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
+        raise UsageError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
     if len(set(args.routings)) != len(args.routings):
-        raise ValueError(f"--routings must be distinct, got {args.routings}")
+        raise UsageError(f"--routings must be distinct, got {args.routings}")
     try:
         fashion_mnist_files(args.data_path, "train"), fashion_mnist_files(args.data_path, "test")
     except (FileNotFoundError, ValueError) as error:
-        raise ValueError(f"--data-path {args.data_path}: {error}") from None
+        raise UsageError(f"--data-path {args.data_path}: {error}") from None
 
 
 def load_results(path, settings):
@@ -342,7 +344,7 @@ def load_results(path, settings):
     changed = sorted(k for k in (set(settings) | set(results["settings"])) - {"seeds", "routings"}
                      if settings.get(k) != results["settings"].get(k))
     if changed:
-        raise ValueError(f"{path} was made with other settings ({', '.join(changed)} differ); use another --out "
+        raise UsageError(f"{path} was made with other settings ({', '.join(changed)} differ); use another --out "
                          "or the same flags")
     results["settings"] = settings
     return results
@@ -427,9 +429,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    try:
-        main(args)
-    except ValueError as error:  # bad input: one line, exit 2 like argparse
-        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main, build_parser())
