@@ -53,9 +53,24 @@ def short_name(path_or_name):
     return os.path.splitext(os.path.basename(os.path.normpath(path_or_name)))[0]
 
 
+def checkpoint_paths(args):
+    """--ckpt as a list (several = multi-experts)."""
+    return [args.ckpt] if isinstance(args.ckpt, str) else list(args.ckpt)
+
+
+def checkpoint_record(args):
+    """What config.json stores: one absolute path, or [[path, expert range or None], ...] for multi-experts."""
+    paths = [os.path.abspath(p) for p in checkpoint_paths(args)]
+    ranges = getattr(args, "expert_range", None)
+    if len(paths) == 1 and ranges is None:
+        return paths[0]  # as before: resuming older shard folders still matches
+    return [[p, list(r) if r is not None else None] for p, r in zip(paths, ranges or [None] * len(paths))]
+
+
 def run_name(args, settings, cfg_scale):
     """As official DiT (model-ckpt-size-vae-cfg-seed) plus sampler/steps and every non-default setting."""
-    name = (f"{settings.model_name.replace('/', '-')}-{short_name(args.ckpt)}-size-{settings.image_size}"
+    checkpoints = "+".join(short_name(p) for p in checkpoint_paths(args))  # experts joined by '+'
+    name = (f"{settings.model_name.replace('/', '-')}-{checkpoints}-size-{settings.image_size}"
             f"-vae-{short_name(settings.vae).replace('sd-vae-ft-', '')}-cfg-{cfg_scale}-seed-{args.global_seed}"
             f"-{args.sampler}{args.num_sampling_steps}")
     if args.num_fid_samples != 50_000:
@@ -76,7 +91,7 @@ def sampling_config(args, settings, cfg_scale):
     text = {} if settings.text_encoder is None else {"captions": os.path.abspath(args.captions),
                                                      "text_encoder": settings.text_encoder}
     return {**text,
-        "ckpt": os.path.abspath(args.ckpt), "weights": settings.weights, "model": settings.model_name,
+        "ckpt": checkpoint_record(args), "weights": settings.weights, "model": settings.model_name,
         "image_size": settings.image_size, "vae": settings.vae, "sampler": args.sampler,
         "num_sampling_steps": args.num_sampling_steps, "cfg_scale": cfg_scale,
         "guide_channels": args.guide_channels if cfg_scale != 1.0 else "all",

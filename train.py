@@ -66,6 +66,7 @@ from launch.preemption import PreemptionFlag, ignore_preemption_signals
 from launch.process_group import add_launch_arguments, cleanup_distributed, describe_distributed, setup_distributed
 from models import ROUTING_KINDS, TextDiT, check_overrides, create_model, family_of, model_names
 from models import model_config as model_config_of
+from models.routing import NUM_TIMESTEPS
 from models.vae import LATENT_SCALE, NO_VAE, load_vae
 from monitoring.tensorboard_log import tensorboard_available
 from monitoring.training_monitor import TrainingMonitor
@@ -419,7 +420,11 @@ def train_step(state, ddp_model, diffusion, x, y, args, rank, world_size, autoca
     # Draw t, noise and label drops for the whole global batch; keep this rank's samples
     # (rank r holds global samples r, r + world_size, ... as the sampler deals them).
     g = step_generator(args.global_seed, state.step, device)
-    t = diffusion.timestep_sampler.sample_timesteps(G, device, generator=g)[rank::world_size]
+    if args.timestep_range is not None:  # one expert of Table 6's multi-experts: only its own tasks
+        lo, hi = args.timestep_range
+        t = torch.randint(lo, hi + 1, (G,), generator=g, device=device)[rank::world_size]
+    else:
+        t = diffusion.timestep_sampler.sample_timesteps(G, device, generator=g)[rank::world_size]
     noise = torch.randn((G, *x.shape[-3:]), generator=g, device=device)[rank::world_size]
     dropout_prob = state.model.config["class_dropout_prob" if text is None else "caption_dropout_prob"]
     drop = torch.rand(G, generator=g, device=device)[rank::world_size] < dropout_prob
@@ -484,6 +489,8 @@ def build_parser():
     diff.add_argument("--noise-schedule", type=str, choices=NOISE_SCHEDULES, default="squaredcos_cap_v2",
                       help="squaredcos_cap_v2 or its other name cosine (paper); linear = official DiT")
     diff.add_argument("--loss-weighting", type=str, choices=WEIGHTINGS, default="vanilla")
+    diff.add_argument("--timestep-range", type=int, nargs=2, metavar=("LO", "HI"), default=None,
+                      help="train on t in [LO, HI] only: one expert of the multi-experts baseline (Table 6)")
     diff.add_argument("--snr-gamma", type=finite_float, default=5.0, help="Min-SNR gamma")
     diff.add_argument("--p2-k", type=finite_float, default=1.0)
     diff.add_argument("--p2-gamma", type=finite_float, default=1.0)
@@ -551,6 +558,8 @@ def config_to_argv(parser, path):
         flag = action.option_strings[0]
         if isinstance(action, argparse.BooleanOptionalAction):
             argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, list):  # nargs flags (timestep-range: [0, 249])
+            argv += [flag, *map(str, value)]
         elif value is not None:
             argv += [flag, str(value)]
     return argv
@@ -673,6 +682,12 @@ def validate_args(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be a finite number > 0, got {getattr(args, flag)}")
     if args.ant_num_clusters < 1:
         raise UsageError(f"--ant-num-clusters must be >= 1, got {args.ant_num_clusters}")
+    if args.timestep_range is not None:
+        lo, hi = args.timestep_range
+        if not 0 <= lo <= hi < NUM_TIMESTEPS:
+            raise UsageError(f"--timestep-range must satisfy 0 <= LO <= HI < {NUM_TIMESTEPS}, got {lo} {hi}")
+        if args.loss_weighting == "ant-uw":
+            raise UsageError("--timestep-range cannot be combined with --loss-weighting ant-uw (its clusters span all t)")
 
 
 if __name__ == "__main__":

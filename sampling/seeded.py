@@ -15,6 +15,7 @@ from diffusion import create_diffusion
 from diffusion.guidance import ClassifierFreeGuidance
 from launch.cli import UsageError
 from models.vae import LATENT_SCALE, decode, load_vae
+from sampling.experts import load_experts
 from storage.checkpoint import checkpoint_flags, load_checkpoint
 
 
@@ -135,7 +136,12 @@ def generate(model, diffusion, sampler, indices, condition, global_seed, cfg_sca
 
 def load_for_sampling(args, device, default_cfg_scale):
     """(model, settings, cfg_scale, diffusion, vae) from a sampling script's --ckpt, --sampler and step flags."""
-    model, settings = load_checkpoint(args.ckpt, checkpoint_flags(args), args.use_model_weights)
+    paths = [args.ckpt] if isinstance(args.ckpt, str) else list(args.ckpt)
+    expert_ranges = getattr(args, "expert_range", None)
+    if len(paths) > 1 or expert_ranges is not None:  # multi-experts (Table 6)
+        model, settings = load_experts(paths, expert_ranges, checkpoint_flags(args), args.use_model_weights)
+    else:
+        model, settings = load_checkpoint(paths[0], checkpoint_flags(args), args.use_model_weights)
     model = model.to(device)
     # a text model is conditional (no num_classes); its null condition is the learned null caption
     dropout = model.config.get("class_dropout_prob", model.config.get("caption_dropout_prob", 0.1))

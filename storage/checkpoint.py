@@ -132,6 +132,7 @@ class SamplingSettings:
     weights: str = "ema"            # which weights were loaded: "ema", "model" or "state_dict"
     step: int = -1                  # training step of the checkpoint, -1 if unknown
     text_encoder: str = None        # text-to-image models: the frozen CLIP encoder (hub name or local directory)
+    timestep_range: tuple = None    # (LO, HI) of an expert trained with --timestep-range (Table 6), else None
 
 
 def read_checkpoint(path):
@@ -252,8 +253,15 @@ def _load_ours(ckpt, flags, use_model_weights, path):
     settings = SamplingSettings(model_name=name, image_size=image_size, vae=vae_name(vae),
                                 latent_scale=ckpt.get("latent_scale", LATENT_SCALE),
                                 diffusion_config=diffusion_config, weights=which,
-                                step=int(ckpt.get("step", -1)), text_encoder=text_encoder)
+                                step=int(ckpt.get("step", -1)), text_encoder=text_encoder,
+                                timestep_range=_timestep_range(ckpt.get("args")))
     return model, state_dict, settings
+
+
+def _timestep_range(args):
+    """(LO, HI) a train.py run was restricted to (--timestep-range), or None."""
+    value = args.get("timestep_range") if isinstance(args, dict) else None
+    return tuple(int(v) for v in value) if value is not None else None
 
 
 def _load_official(state_dict, args, flags, weights, path):
@@ -330,8 +338,11 @@ def load_checkpoint(path, flags=None, use_model_weights=False):
 
 def add_checkpoint_arguments(parser):
     """Flags shared by sample.py and sample_ddp.py that say which checkpoint and how to build it."""
-    parser.add_argument("--ckpt", type=str, required=True,
-                        help="our train.py checkpoint, an official DiT checkpoint, or a raw state_dict")
+    parser.add_argument("--ckpt", type=str, nargs="+", required=True,
+                        help="our train.py checkpoint, an official DiT checkpoint, or a raw state_dict; several: "
+                             "multi-experts (Table 6), each step sampled by the expert owning its timestep")
+    parser.add_argument("--expert-range", type=int, nargs=2, action="append", metavar=("LO", "HI"), default=None,
+                        help="timestep range of each --ckpt, in order (default: its train.py --timestep-range)")
     parser.add_argument("--use-model-weights", action="store_true",
                         help="sample the raw training weights instead of the EMA weights")
     # Defaults None: a flag given must agree with the checkpoint; raw state_dicts fall back to official DiT.
