@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from benchmarks.train_throughput import build_training_step, forward_flops, timed
 from launch.cli import UsageError, run_command
-from models import DiT_models, create_model
+from models import DiT_models, create_model, model_names
 from storage.atomic_file import atomic_write
 
 
@@ -31,7 +31,7 @@ def model_cost(name, input_size, in_channels, num_classes):
 
 def training_speed(name, args, device):
     """{routing: training images/s} for vanilla and DTR: fastest of args.rounds interleaved rounds."""
-    config = SimpleNamespace(model=name, input_size=args.input_size, in_channels=args.in_channels,
+    config = SimpleNamespace(model=name, model_args=None, input_size=args.input_size, in_channels=args.in_channels,
                              num_classes=args.num_classes, alpha=args.alpha, beta=args.beta, compile=False,
                              mixed_precision="no", batch_size=args.batch_size)
     steps = {routing: build_training_step(config, routing, device)[0] for routing in ("none", "dtr")}
@@ -61,9 +61,9 @@ def cost_table(rows, args, device, threads):
 
 def main(args):
     """Measure every requested model and write (and print) the markdown table."""
-    unknown = [m for m in args.models if m not in DiT_models]
+    unknown = [m for m in args.models if m not in model_names()]
     if unknown:
-        raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected names from {', '.join(DiT_models)}")
+        raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected names from {', '.join(model_names())}")
     for flag in ("batch_size", "rounds", "input_size", "in_channels", "num_classes", "threads"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
