@@ -6,6 +6,7 @@ sample goes to the expert whose [LO, HI] holds its (original-scale) timestep t. 
 import torch
 from torch import nn
 
+from launch.cli import UsageError
 from models.routing import NUM_TIMESTEPS
 from storage.checkpoint import load_checkpoint
 
@@ -14,19 +15,19 @@ SHARED_SETTINGS = ("image_size", "vae", "latent_scale", "diffusion_config")
 
 
 def check_expert_ranges(ranges, num_timesteps=NUM_TIMESTEPS):
-    """Raise ValueError unless the [lo, hi] ranges, taken in order of lo, cover 0..T-1 exactly once."""
+    """Raise UsageError (a ValueError) unless the [lo, hi] ranges, taken in order of lo, cover 0..T-1 exactly once."""
     if not ranges:
-        raise ValueError("multi-experts sampling needs at least one expert range")
+        raise UsageError("multi-experts sampling needs at least one expert range")
     expected = 0
     for lo, hi in sorted(ranges):
         if lo > hi:
-            raise ValueError(f"expert range [{lo}, {hi}] is empty (LO > HI)")
+            raise UsageError(f"expert range [{lo}, {hi}] is empty (LO > HI)")
         if lo != expected:
             what = "overlaps the previous range" if lo < expected else f"leaves t = {expected}..{lo - 1} to no expert"
-            raise ValueError(f"expert range [{lo}, {hi}] {what}; the ranges must tile 0..{num_timesteps - 1}")
+            raise UsageError(f"expert range [{lo}, {hi}] {what}; the ranges must tile 0..{num_timesteps - 1}")
         expected = hi + 1
     if expected != num_timesteps:
-        raise ValueError(f"the expert ranges end at t = {expected - 1}; t = {expected}..{num_timesteps - 1} "
+        raise UsageError(f"the expert ranges end at t = {expected - 1}; t = {expected}..{num_timesteps - 1} "
                          "belong to no expert")
 
 
@@ -36,13 +37,13 @@ class TimestepExperts(nn.Module):
     def __init__(self, experts, ranges, num_timesteps=NUM_TIMESTEPS):
         super().__init__()
         if len(experts) != len(ranges):
-            raise ValueError(f"{len(experts)} experts but {len(ranges)} ranges")
+            raise UsageError(f"{len(experts)} experts but {len(ranges)} ranges")
         check_expert_ranges(ranges, num_timesteps)
         first = experts[0]
         for attribute in ("num_classes", "in_channels", "input_size"):
             values = {getattr(expert, attribute) for expert in experts}
             if len(values) > 1:
-                raise ValueError(f"experts disagree on {attribute}: {sorted(values)}")
+                raise UsageError(f"experts disagree on {attribute}: {sorted(values)}")
         self.experts = nn.ModuleList(experts)
         self.ranges = [(int(lo), int(hi)) for lo, hi in ranges]
         self.num_classes, self.in_channels, self.input_size = first.num_classes, first.in_channels, first.input_size
@@ -68,13 +69,13 @@ class TimestepExperts(nn.Module):
 def load_experts(paths, ranges=None, flags=None, use_model_weights=False):
     """(TimestepExperts, settings of the first) from checkpoints; ranges default to each one's --timestep-range."""
     if ranges is not None and len(ranges) != len(paths):
-        raise ValueError(f"{len(paths)} checkpoints but {len(ranges)} --expert-range values: give one per --ckpt")
+        raise UsageError(f"{len(paths)} checkpoints but {len(ranges)} --expert-range values: give one per --ckpt")
     experts, found, settings = [], [], []
     for i, path in enumerate(paths):
         model, setting = load_checkpoint(path, flags, use_model_weights)
         timestep_range = ranges[i] if ranges is not None else setting.timestep_range
         if timestep_range is None:
-            raise ValueError(f"{path} was trained on every timestep (no --timestep-range); give --expert-range LO HI "
+            raise UsageError(f"{path} was trained on every timestep (no --timestep-range); give --expert-range LO HI "
                              "for each --ckpt")
         experts.append(model)
         found.append(tuple(timestep_range))
@@ -82,5 +83,5 @@ def load_experts(paths, ranges=None, flags=None, use_model_weights=False):
     for name in SHARED_SETTINGS:
         values = [getattr(s, name) for s in settings]
         if any(v != values[0] for v in values):
-            raise ValueError(f"the experts disagree on {name}: {values}")
+            raise UsageError(f"the experts disagree on {name}: {values}")
     return TimestepExperts(experts, found).eval(), settings[0]
