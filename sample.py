@@ -85,7 +85,7 @@ def main(args):
 
     if settings.text_encoder is not None:  # a text-to-image model: a grid of prompts, captions under the images
         if not prompts or args.class_labels is not None:
-            raise UsageError(f"{args.ckpt} is a text-to-image model: give --prompt TEXT (repeatable) or "
+            raise UsageError(f"{' '.join(args.ckpt)} is a text-to-image model: give --prompt TEXT (repeatable) or "
                              f"--prompts-file, not --class-labels")
         captions, nrow = grid_captions(prompts, args.samples_per_prompt)
         make_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
@@ -98,7 +98,7 @@ def main(args):
         print(args.out)
         return
     if prompts:
-        raise UsageError(f"--prompt / --prompts-file need a text-to-image checkpoint; {args.ckpt} is class-conditional")
+        raise UsageError(f"--prompt / --prompts-file need a text-to-image checkpoint; {' '.join(args.ckpt)} is class-conditional")
     labels, nrow = grid_labels(args.class_labels, args.samples_per_class, model.num_classes)
     make_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")  # a folder we cannot write: before sampling
     samples = generate(model, diffusion, args.sampler, list(range(len(labels))), labels, args.seed, cfg_scale,

@@ -186,11 +186,11 @@ def main(args):
     conditioning = None
     if settings.text_encoder is not None:  # text-to-image: captions from the validation annotations
         if args.captions is None:
-            raise UsageError(f"{args.ckpt} is a text-to-image model: give --captions (e.g. "
+            raise UsageError(f"{' '.join(checkpoint_paths(args))} is a text-to-image model: give --captions (e.g. "
                              f"coco/annotations/captions_val2014.json), the captions to draw the samples' prompts from")
         conditioning = load_text_conditioning(settings, model, device, args.captions)
     elif args.captions is not None:
-        raise UsageError(f"--captions needs a text-to-image checkpoint; {args.ckpt} is not one")
+        raise UsageError(f"--captions needs a text-to-image checkpoint; {' '.join(checkpoint_paths(args))} is not one")
 
     name = run_name(args, settings, cfg_scale)
     shard_dir = os.path.join(args.sample_dir, f"{name}.shards")
