@@ -87,5 +87,5 @@ def test_exclusive_prediction_targets_are_a_value_error():
 
 
 def test_unknown_schedule_is_a_value_error():
-    with pytest.raises(ValueError, match="unknown noise_schedule 'cosine'"):
-        create_diffusion("", noise_schedule="cosine")
+    with pytest.raises(ValueError, match="unknown noise_schedule 'sigmoid'"):
+        create_diffusion("", noise_schedule="sigmoid")
