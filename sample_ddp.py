@@ -40,6 +40,7 @@ from launch.process_group import add_launch_arguments, describe_distributed, set
 from sampling.seeded import (check_sampling_flags, class_labels, generate, load_for_sampling, load_text_conditioning,
                              parse_guide_channels, to_uint8, validation_captions)
 from sampling.work_split import missing_intervals, rank_shards
+from storage.run_folder import remove_stale_temp_files
 
 SHARD_NAME = re.compile(r"^shard_(\d{6,})_(\d{6,})\.npz$")  # shard_<start>_<stop>.npz
 
@@ -198,6 +199,8 @@ def main(args):
     check_shard_dir(shard_dir, config)  # every rank checks, so every rank stops on a mismatch
     check_on_every_rank(lambda: make_output_dir(shard_dir, "--sample-dir") if rank == 0 else None)
     if rank == 0:
+        for path in remove_stale_temp_files(shard_dir):  # before any rank writes: none of them is live
+            print(f"removed {path}, left by a shard write that was killed")
         if not os.path.exists(os.path.join(shard_dir, "config.json")):
             atomic_write(os.path.join(shard_dir, "config.json"),
                          lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()))

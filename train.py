@@ -662,6 +662,11 @@ def validate_args(args):
         raise UsageError("--resume auto needs --exp-name NAME: a numbered run folder is new at every start")
     if args.exp_name is not None and (not args.exp_name or os.sep in args.exp_name or args.exp_name in (".", "..")):
         raise UsageError(f"--exp-name must be a folder name without '{os.sep}', got {args.exp_name!r}")
+    if args.exp_name is not None and args.resume not in (None, "auto"):
+        own = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+        if own != os.path.abspath(os.path.join(args.results_dir, args.exp_name)):
+            raise UsageError(f"--resume {args.resume} continues in its own run folder {own}, not --exp-name "
+                             f"{args.exp_name}; drop --exp-name, or use --resume auto")
     for flag in ("keep_last", "keep_every"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

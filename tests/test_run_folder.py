@@ -109,6 +109,8 @@ def test_train_keep_last_prunes_and_resume_auto_continues_bitwise(tmp_path, imag
     assert "Removed" in open(f"{second}/log.txt").read()
     with pytest.raises(ValueError, match="--resume auto needs --exp-name"):
         run(*common, "--resume", "auto")
+    with pytest.raises(ValueError, match="continues in its own run folder .*requeued, not --exp-name straight"):
+        run(*common, "--exp-name", "straight", "--resume", f"{second}/checkpoints/0000005.pt")
 
 
 def test_run_record_is_written_at_start_and_its_config_reproduces_the_flags(tmp_path, images):

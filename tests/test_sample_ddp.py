@@ -98,8 +98,10 @@ def test_resume_after_stop_gives_the_identical_file(ckpt, reference, tmp_path):
     assert shards == ["shard_000000_000003.npz"]  # --shard-size 4 holds one whole batch of 3
     first = os.path.join(shard_dir, shards[0])
     stamp = os.stat(first).st_mtime_ns
-    open(os.path.join(shard_dir, ".shard_000003_000006.npz.x.tmp"), "wb").write(b"partial")  # a killed write
+    stale = os.path.join(shard_dir, ".shard_000003_000006.npz.x.tmp")
+    open(stale, "wb").write(b"partial")  # what a kill during a shard's write leaves
     out = run(ckpt, tmp_path)
+    assert not os.path.exists(stale)
     assert os.stat(first).st_mtime_ns == stamp  # the finished shard was kept, not recomputed
     with open(out, "rb") as a, open(reference, "rb") as b:
         assert a.read() == b.read()
