@@ -3,7 +3,8 @@
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under `srun` without torchrun (one task
 per GPU), the same values come from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, the master address is
 the first host of SLURM_JOB_NODELIST and the port is derived from SLURM_JOB_ID, so every task computes
-the same rendezvous. Anything else (no launcher, or a SLURM allocation of one task) runs as one process.
+the same rendezvous. Anything else (no launcher, or a SLURM job of one task) runs as one process; a plain
+`python` in the batch script of a multi-task job is an error (it would train alone, or wait for peers).
 The backend follows the device, never a hard-coded name: nccl on GPU, gloo on CPU.
 """
 import datetime
@@ -42,9 +43,12 @@ def first_host(nodelist):
 
 
 def slurm_environment(environ):
-    """torchrun's variables from SLURM's, or None when this is not a multi-task srun step."""
+    """torchrun's variables from SLURM's, or None when the job has a single task."""
     if "SLURM_PROCID" not in environ or int(environ.get("SLURM_NTASKS", "1")) < 2:
         return None
+    if "SLURM_STEP_NUM_TASKS" not in environ:  # set by srun only: this is the batch script itself
+        raise UsageError(f"the SLURM job has {environ['SLURM_NTASKS']} tasks but this process was not started by "
+                         "srun: launch with `srun python ...` (one task per GPU) or torchrun, or ask for one task")
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
     return {
         "RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],

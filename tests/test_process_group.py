@@ -24,13 +24,16 @@ def test_first_host_of_a_slurm_node_list(nodelist, host):
     assert first_host(nodelist) == host
 
 
-def test_slurm_variables_map_to_torchrun_ones_and_one_task_is_no_group():
+def test_slurm_variables_map_to_torchrun_ones_one_task_is_no_group_and_the_batch_script_is_refused():
     env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-           "SLURM_JOB_NODELIST": "gpu-[011-012]"}
+           "SLURM_JOB_NODELIST": "gpu-[011-012]", "SLURM_STEP_NUM_TASKS": "16"}
     assert slurm_environment(env) == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1",
                                       "MASTER_ADDR": "gpu-011", "MASTER_PORT": str(20000 + 123456 % 20000)}
     assert slurm_environment({**env, "SLURM_NTASKS": "1"}) is None  # `python train.py` in an allocation
     assert slurm_environment({}) is None
+    batch_script = {k: v for k, v in env.items() if k != "SLURM_STEP_NUM_TASKS"}  # no srun: not a task
+    with pytest.raises(UsageError, match="has 16 tasks but this process was not started by srun"):
+        slurm_environment(batch_script)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -48,7 +51,7 @@ def test_two_srun_style_tasks_join_one_gloo_group_without_torchrun(tmp_path, ima
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
         env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SLURM_PROCID=str(rank),
-                   SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_NODELIST="localhost",
+                   SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_NODELIST="localhost",
                    SLURM_JOB_ID=str(os.getpid() % 20000))  # a port no other test run shares
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--data-path", images,

@@ -1,4 +1,4 @@
-"""storage/run_folder.py and storage/run_record.py: atomic numbering, --exp-name, --resume auto, --keep-last, records."""
+"""storage/run_folder.py, storage/run_record.py: atomic numbering, --exp-name, --resume auto, --keep-last, records."""
 import json
 import os
 import subprocess
