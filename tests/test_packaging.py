@@ -12,9 +12,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "open_clip": "open_clip_torch"}
-# this repository's packages and modules, the tests' helpers included
-FIRST_PARTY = {os.path.splitext(name)[0] for folder in (ROOT, os.path.join(ROOT, "tests")) for name in os.listdir(folder)
-               if name.endswith(".py") or os.path.isfile(os.path.join(folder, name, "__init__.py"))}
+# this repository's top-level folders and every module in it (tests import benchmarks/*.py and their helpers by name)
+FIRST_PARTY = {name for name in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, name))} | {
+    os.path.splitext(os.path.basename(path))[0] for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True)}
 
 
 def normalized(name):
