@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.train_throughput import build_training_step, forward_flops, timed
-from launch.cli import UsageError, run_command
+from launch.cli import UsageError, finite_float, run_command
 from models import DiT_models, create_model, model_names
 from storage.atomic_file import atomic_write
 
@@ -92,8 +92,8 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=4, help="training images per step")
     parser.add_argument("--rounds", type=int, default=5, help="timed steps of each model")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--alpha", type=float, default=4.0)
-    parser.add_argument("--beta", type=float, default=0.8)
+    parser.add_argument("--alpha", type=finite_float, default=4.0)
+    parser.add_argument("--beta", type=finite_float, default=0.8)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     parser.add_argument("--device", type=str, default=None)
     parser.add_argument("--out", type=str, default=None, help="also write the markdown here")

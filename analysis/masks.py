@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from launch.cli import UsageError, run_command
+from launch.cli import UsageError, finite_float, run_command
 from models.routing import ROUTING_KINDS, build_masks, validate_routing
 from storage.atomic_file import atomic_write
 
@@ -84,8 +84,8 @@ def main(args):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kinds", type=str, nargs="+", choices=ROUTING_KINDS, default=list(ROUTING_KINDS))
-    parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 4.0], help="DTR window shift (Eq. 4)")
-    parser.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.8], help="share of active channels")
+    parser.add_argument("--alphas", type=finite_float, nargs="+", default=[1.0, 4.0], help="DTR window shift (Eq. 4)")
+    parser.add_argument("--betas", type=finite_float, nargs="+", default=[0.5, 0.8], help="share of active channels")
     parser.add_argument("--channels", type=int, default=128, help="C; DiT-L/2 routes 1024, DiT-XL/2 1152")
     parser.add_argument("--num-tasks", type=int, default=1000, help="T, the diffusion steps")
     parser.add_argument("--seed", type=int, default=0, help="R-TR seed")

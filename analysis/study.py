@@ -25,7 +25,7 @@ import numpy as np
 import sample_ddp
 from evaluations.metrics import feature_statistics, frechet_distance
 from imagedata.fashion_mnist import fashion_mnist_files
-from launch.cli import UsageError, run_command
+from launch.cli import UsageError, finite_float, run_command
 from storage.atomic_file import atomic_write
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -413,16 +413,16 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=400, help="training steps of every run")
     parser.add_argument("--eval-every", type=int, default=100, help="FID of the EMA model every this many steps")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3, help="the demo's: short runs need a large lr")
-    parser.add_argument("--ema-decay", type=float, default=0.995, help="horizon ~200 steps, fits a short run")
-    parser.add_argument("--alpha", type=float, default=4.0, help="DTR window shift (Eq. 4)")
-    parser.add_argument("--beta", type=float, default=0.8, help="share of active channels per task")
+    parser.add_argument("--lr", type=finite_float, default=1e-3, help="the demo's: short runs need a large lr")
+    parser.add_argument("--ema-decay", type=finite_float, default=0.995, help="horizon ~200 steps, fits a short run")
+    parser.add_argument("--alpha", type=finite_float, default=4.0, help="DTR window shift (Eq. 4)")
+    parser.add_argument("--beta", type=finite_float, default=0.8, help="share of active channels per task")
     parser.add_argument("--num-fid-samples", type=int, default=100)
     parser.add_argument("--ref-images", type=int, default=500, help="t10k images in the fixed FID reference")
     parser.add_argument("--ref-seed", type=int, default=0)
     parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddim")
     parser.add_argument("--sampling-steps", type=int, default=25)
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="1 = unguided (DiT's FID-vs-steps curves)")
+    parser.add_argument("--cfg-scale", type=finite_float, default=1.0, help="1 = unguided (DiT's FID-vs-steps curves)")
     parser.add_argument("--sample-seed", type=int, default=0, help="the same sampling noise for every checkpoint")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each script (one runs at a time)")
     return parser

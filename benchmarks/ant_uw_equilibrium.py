@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 from diffusion import create_diffusion  # noqa: E402
+from launch.cli import finite_float  # noqa: E402
 
 
 #################################################################################
@@ -86,8 +87,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--num-clusters", type=int, default=8)
-    parser.add_argument("--data-std", type=float, default=0.5)
+    parser.add_argument("--data-std", type=finite_float, default=0.5)
     parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--lr", type=float, default=0.025, help="ANT-UW's learning rate for s_k")
+    parser.add_argument("--lr", type=finite_float, default=0.025, help="ANT-UW's learning rate for s_k")
     parser.add_argument("--seed", type=int, default=0)
     main(parser.parse_args())
