@@ -23,6 +23,8 @@ import typing
 
 import torch
 
+from launch.cli import UsageError
+
 # Every class an OmegaConf container pickles as (omegaconf 2.0 - 2.3), by the name the pickle uses.
 OMEGACONF_CLASSES = (
     "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig",
@@ -114,7 +116,7 @@ def release_settings(config):
 
     routing = get("models.routing.init_method", str)
     if routing is not None and routing not in ROUTING_NAMES:
-        raise ValueError(f"the checkpoint's models.routing.init_method {routing!r} is not one of the "
+        raise UsageError(f"the checkpoint's models.routing.init_method {routing!r} is not one of the "
                          f"release's {sorted(ROUTING_NAMES)}")
     alpha = get("models.routing.alpha", (int, float))
     beta = get("models.routing.sharing_ratio", (int, float))

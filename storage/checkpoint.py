@@ -248,7 +248,7 @@ def _load_ours(ckpt, flags, use_model_weights, path):
     text_encoder = ckpt.get("text_encoder")
     if flags.get("text_encoder") is not None:
         if text_encoder is None:
-            raise ValueError(f"--text-encoder given, but {path} is not a text-to-image checkpoint")
+            raise UsageError(f"--text-encoder given, but {path} is not a text-to-image checkpoint")
         text_encoder = flags["text_encoder"]  # another copy of the same encoder (e.g. a local directory offline)
     settings = SamplingSettings(model_name=name, image_size=image_size, vae=vae_name(vae),
                                 latent_scale=ckpt.get("latent_scale", LATENT_SCALE),
