@@ -2,6 +2,8 @@
 TextDiT through train.py, then sample.py (prompt grid) and sample_ddp.py (validation captions) sample it."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import sample
 import sample_ddp
 import train
 from diffusion import create_diffusion
+from float_comparison import intra_op_threads
 from launch.cli import UsageError
 from imagedata.coco import caption_uniforms, draw_captions, read_coco_captions
 from models.caption_conditioning import CaptionConditioning
@@ -92,6 +95,55 @@ def test_rank_slices_of_a_step_get_the_captions_of_the_global_batch(coco, tiny_c
         # a rank encodes its 2 captions, not 4: bitwise against the whole batch's captions r, r + 2 encoded
         # as the same batch of 2 (CLIP in fp32 rounds differently per batch size and CPU)
         assert torch.equal(part["context"], text.encoder(captions[rank::2])[0])
+
+
+def test_two_gloo_ranks_match_one_rank_for_the_text_model(coco, tiny_clip_path, tmp_path):
+    """Captions, caption drops, t and noise are drawn for the global batch: 2 ranks x 2 train like 1 rank x 4."""
+    common = ["--config", TINY_TEXT, "--data-path", coco["train"], "--captions", coco["train_captions"],
+              "--text-encoder", tiny_clip_path, "--max-steps", 2, "--ckpt-every", 100]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(ROOT, "train.py"), *map(str, common), "--results-dir", str(tmp_path / "ddp")],
+                   check=True, env=env, cwd=ROOT, timeout=300)
+    with intra_op_threads(1):  # the ranks' thread count, so only the batch split differs
+        single = train.main(train.parse_args([*map(str, common), "--results-dir", str(tmp_path / "one")]))
+    a = load(f"{tmp_path}/ddp/000-TextDiT-S-2/checkpoints/0000002.pt")
+    b = load(f"{single}/checkpoints/0000002.pt")
+    # fp32 rounding of the split forward and the all-reduce only (see test_train's DDP test for the 1e-6 bound);
+    # a rank conditioning on other captions than the global batch's would move weights by ~lr = 1e-4
+    for key in ("model", "ema"):
+        for name in b[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_trains_on_coco_latents_written_by_extract_features(coco, tiny_clip_path, tmp_path):
+    import extract_features
+    from diffusers import AutoencoderKL
+    from test_extract_features import run_args
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=32, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    extract_features.main(run_args(coco["train"], tmp_path / "feat", str(tmp_path / "vae"), kind="coco",
+                                   captions=None))
+    exp = train.main(train.parse_args(["--config", TINY_TEXT, "--feature-path", str(tmp_path / "feat"), "--vae", "ema",
+                                       "--image-size", "16", "--captions", coco["train_captions"], "--text-encoder",
+                                       tiny_clip_path, "--results-dir", str(tmp_path / "r"), "--max-steps", "2"]))
+    ckpt = load(f"{exp}/checkpoints/0000002.pt")
+    assert ckpt["model_config"]["input_size"] == 8 and ckpt["vae"] == str(tmp_path / "vae")
+    assert ckpt["text_encoder"] == tiny_clip_path
+    # class latents (labels are classes, not COCO image ids) cannot condition a text model
+    classes = tmp_path / "classes"
+    for name in ("a", "b"):
+        os.makedirs(classes / name)
+        for i in range(2):
+            Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(classes / name / f"{i}.png")
+    extract_features.main(run_args(classes, tmp_path / "class_feat", str(tmp_path / "vae")))
+    with pytest.raises(UsageError, match="not an MS-COCO dataset keyed by image id"):
+        train.main(train.parse_args(["--config", TINY_TEXT, "--feature-path", str(tmp_path / "class_feat"),
+                                     "--vae", "ema", "--image-size", "16", "--captions", coco["train_captions"],
+                                     "--text-encoder", tiny_clip_path, "--results-dir", str(tmp_path / "r2")]))
 
 
 def test_text_training_errors_are_clear_and_early(coco, tiny_clip_path, tmp_path):
