@@ -8,7 +8,8 @@ Train a DiT or ADM, optionally with Denoising Task Routing, using PyTorch DDP (P
     python train.py --config configs/table1/coco256_dit_b2_dtr.yaml --feature-path features/coco256 \
         --captions coco/annotations/captions_train2014.json --text-encoder openai/clip-vit-large-patch14
 
---model takes every zoo name of models.create_model (DiT-S/2 ... DiT-XL/8, ADM-ImageNet64, ADM-FFHQ64);
+--model takes every zoo name of models.create_model (DiT-S/2 ... DiT-XL/8, TextDiT-S/2 ... TextDiT-XL/8,
+ADM-ImageNet64, ADM-FFHQ64);
 --model-arg KEY=VALUE (or a config's model_args: mapping) overrides any constructor argument.
 
 Defaults are the paper's setting: AdamW lr 1e-4 without weight decay, EMA 0.9999, random horizontal flip,

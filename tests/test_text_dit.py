@@ -6,7 +6,6 @@ import torch
 
 from diffusion.guidance import ClassifierFreeGuidance
 from float_comparison import scale_one_guidance_bound
-from models import create_model
 from models import DiT_models, build_from_config, create_model, model_config, model_names
 from models.text_dit import TextDiT
 
