@@ -103,15 +103,17 @@ def benchmark_captions(n, seed=0):
     return [" ".join(words[i] for i in torch.randint(len(words), (k,), generator=g).tolist()) for k in lengths]
 
 
-def build_training_step(args, routing, device, model_name=None, text=None, encoder=None):
+def build_training_step(args, routing, device, model_name=None, encoder=None):
     """(step function, training FLOPs per step, {parameters, input}): one train.py step of a fresh model.
 
-    model_name: default --model; text: None (class labels), "on-the-fly" or "precomputed" captions of `encoder`.
+    model_name: default --model. With a text `encoder` the model is a text DiT: step() conditions on precomputed
+    tokens of fixed captions, step(on_the_fly=True) encodes the captions in the step, as train.py does.
     """
+    text = encoder is not None
     torch.manual_seed(0)
-    keys = ("input_size", "in_channels") + (("num_classes",) if text is None else ())
+    keys = ("input_size", "in_channels") + (() if text else ("num_classes",))
     shape = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if text is not None:
+    if text:
         shape.update(context_dim=encoder.width, max_text_len=encoder.max_length)
     model = create_model(model_name or args.model, **(args.model_args or {}), **shape, routing=routing,
                          alpha=args.alpha, beta=args.beta).to(device)
@@ -122,22 +124,24 @@ def build_training_step(args, routing, device, model_name=None, text=None, encod
     dtype = DTYPES[args.mixed_precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     x = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
-    if text is None:
+    if not text:
         y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
-        condition = lambda: {"y": y}  # noqa: E731
     else:
         captions = benchmark_captions(args.batch_size)
         drop = torch.zeros(args.batch_size, dtype=torch.long, device=device)
         context, context_mask = encoder(captions)  # the precomputed tokens, already in memory
-        if text == "on-the-fly":  # as train.py: the frozen encoder runs on the step's captions every step
-            condition = lambda: dict(zip(("context", "context_mask"), encoder(captions)), force_drop_ids=drop)  # noqa: E731
-        else:
-            condition = lambda: {"context": context, "context_mask": context_mask, "force_drop_ids": drop}  # noqa: E731
 
-    def step():
+    def condition(on_the_fly=False):
+        if not text:
+            return {"y": y}
+        if on_the_fly:  # as train.py: the frozen encoder runs on the step's captions every step
+            return dict(zip(("context", "context_mask"), encoder(captions)), force_drop_ids=drop)
+        return {"context": context, "context_mask": context_mask, "force_drop_ids": drop}
+
+    def step(on_the_fly=False):
         t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = diffusion.training_losses(net, x, t, condition())["loss"].mean()
+            loss = diffusion.training_losses(net, x, t, condition(on_the_fly))["loss"].mean()
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -170,16 +174,16 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py (official DiT)
         torch.backends.cudnn.allow_tf32 = True
     routings = [args.routing] + (["none"] if args.routing != "none" else [])
-    encoder, text = None, None
+    encoder = None
     if args.model.startswith("TextDiT-"):  # the main comparison on precomputed tokens; the rest in text_benchmark
         from models.text_encoder import FrozenCLIPTextEncoder
-        encoder, text = FrozenCLIPTextEncoder(args.text_encoder).to(device), "precomputed"
+        encoder = FrozenCLIPTextEncoder(args.text_encoder).to(device)
 
     # Peak memory: each model alone, a few steps after a fresh start of the peak window.
     memory = {}
     for routing in routings:
         reset_peak_memory(device)
-        step, _, _ = build_training_step(args, routing, device, text=text, encoder=encoder)
+        step, _, _ = build_training_step(args, routing, device, encoder=encoder)
         for _ in range(2):
             step()
         synchronize(device)
@@ -190,7 +194,7 @@ def main(args):
 
     # Throughput: steps of both models and matmul bursts interleaved round by round, so load from other
     # processes on a shared machine hits all of them alike; the fastest round estimates the unloaded speed.
-    steps = {routing: build_training_step(args, routing, device, text=text, encoder=encoder) for routing in routings}
+    steps = {routing: build_training_step(args, routing, device, encoder=encoder) for routing in routings}
     burst, burst_flops = build_matmul(args.matmul_size, DTYPES[args.mixed_precision], device)
     times = {routing: [] for routing in routings}
     matmul_times = []
@@ -223,20 +227,25 @@ def main(args):
         # step time with routing over without, per round (the two steps of a round ran back to back), median
         report["step_time_ratio_routed_to_unrouted_paired"] = statistics.median(a / b for a, b in zip(routed, unrouted))
     if encoder is not None:
-        report.update(text_benchmark(args, routings, device, encoder))
+        report.update(text_benchmark(args, routings, device, encoder, steps))
     print(json.dumps(report, indent=1))
     return report
 
 
-def text_benchmark(args, routings, device, encoder):
-    """Text model: encoder on the fly vs precomputed tokens, against the class DiT of the same size (paired rounds)."""
+def text_benchmark(args, routings, device, encoder, text_steps):
+    """Text model: encoder on the fly vs precomputed tokens, against the class DiT of the same size (paired rounds).
+
+    text_steps: main's {routing: (step, flops, info)} of the text model, reused (one model per routing in memory).
+    """
     class_model = args.model[len("Text"):]  # TextDiT-B/2 -> DiT-B/2
     timers, flops = {}, {}
     for routing in routings:
-        for name, model_name, text in ((f"text/{routing}/on-the-fly", args.model, "on-the-fly"),
-                                       (f"text/{routing}/precomputed", args.model, "precomputed"),
-                                       (f"class/{routing}", class_model, None)):
-            timers[name], flops[name], _ = build_training_step(args, routing, device, model_name, text, encoder)
+        step, text_flops, _ = text_steps[routing]
+        timers[f"text/{routing}/on-the-fly"] = lambda step=step: step(on_the_fly=True)
+        timers[f"text/{routing}/precomputed"] = step
+        flops[f"text/{routing}/on-the-fly"] = flops[f"text/{routing}/precomputed"] = text_flops
+        timers[f"class/{routing}"], flops[f"class/{routing}"], _ = build_training_step(args, routing, device,
+                                                                                      class_model)
     captions = benchmark_captions(args.batch_size)
     timers["encoder"] = lambda: encoder(captions)  # tokenizer + frozen CLIP forward
     times = {name: [] for name in timers}

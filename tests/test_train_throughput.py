@@ -40,9 +40,8 @@ def test_text_benchmark_pairs_the_text_model_with_the_class_model_and_the_encode
             *[f"--model-arg={a}" for a in ["hidden_size=32", "depth=2", "num_heads=2"]]]
     report = train_throughput.main(train_throughput.build_parser().parse_args(argv))
     flops = report["text_train_flops_per_step"]
-    # cross-attention costs FLOPs the class model does not have; DTR adds none; the encoder adds no training FLOPs
+    # cross-attention costs FLOPs the class model does not have; DTR adds none
     assert flops["text/dtr/precomputed"] == flops["text/none/precomputed"] > flops["class/dtr"] > 0
-    assert flops["text/dtr/on-the-fly"] == flops["text/dtr/precomputed"]
     assert set(report["text_sec_per_step"]) == {*flops, "encoder"}
     for key in ("text_over_class_step_time_dtr", "on_the_fly_over_precomputed_step_time_dtr",
                 "encoder_share_of_on_the_fly_step_dtr", "text_step_time_routed_over_unrouted"):
