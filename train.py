@@ -13,17 +13,18 @@ ADM-ImageNet64, ADM-FFHQ64);
 --model-arg KEY=VALUE (or a config's model_args: mapping) overrides any constructor argument.
 
 Defaults are the paper's setting: AdamW lr 1e-4 without weight decay, EMA 0.9999, random horizontal flip,
-cosine schedule over 1000 steps, learned sigma. Runs under torchrun (nccl on GPU, gloo on CPU) or as a plain
-single process. Every global batch is the same whatever the world size: the sampler splits each global batch
+cosine schedule over 1000 steps, learned sigma. Runs under torchrun or srun (nccl on GPU, gloo on CPU) or as a
+plain single process. Every global batch is the same whatever the world size: the sampler splits each global batch
 over ranks, and the timesteps, noise and label dropout of a step are drawn for the whole global batch from a
 generator seeded by (global seed, step), each rank taking its own samples. So 2 ranks x B match 1 rank x 2B,
 and a resumed run continues bit for bit. Text models (TextDiT-*, MS-COCO, App. C): each image's caption is drawn
 per step from a stream of (global seed, step) for the whole global batch (models/caption_conditioning.py), encoded
 on the fly by the frozen CLIP --text-encoder; the label drops become caption drops to the learned null caption.
 
-Outputs in <results-dir>/<NNN>-<model>/ (model "DiT-S/2" -> "DiT-S-2"):
-log.txt, metrics.jsonl (one {"step", "loss", ...} per --log-every) and checkpoints/<step:07d>.pt, written
-atomically, loadable with torch.load(weights_only=True):
+Outputs in <results-dir>/<NNN>-<model>/ (model "DiT-S/2" -> "DiT-S-2") or <results-dir>/<--exp-name>/:
+config.yaml and starts.jsonl (written at start: storage/run_record.py), log.txt, metrics.jsonl (one
+{"step", "loss", ...} per --log-every), tensorboard/ and samples/ (--tensorboard, --sample-every) and
+checkpoints/<step:07d>.pt, written atomically, loadable with torch.load(weights_only=True):
     model, ema, opt (state_dicts), step, args (dict), model_config ({"model": zoo name, **every constructor argument};
     rebuild with models.build_from_config), diffusion_config (create_diffusion kwargs), vae, image_size, latent_scale,
     loss_weighting (its state_dict: ANT-UW s_k), rng (one dict per rank: torch, numpy, python, cuda),
