@@ -383,7 +383,9 @@ def main(args):
                 seconds = train_run(settings, routing, seed, run_dir, args.threads)
                 run["seconds"]["train"] = run["seconds"].get("train", 0.0) + seconds
                 spend("train", seconds)
-                print(f"[{time.time() - start:7.0f} s] {key}: trained {args.steps} steps in {seconds:.0f} s", flush=True)
+                if seconds > 0:  # 0: its checkpoints were all there, only evaluations are missing
+                    print(f"[{time.time() - start:7.0f} s] {key}: trained {args.steps} steps in {seconds:.0f} s",
+                          flush=True)
                 save_results(results_path, results)
             checkpoints = saved_checkpoints(os.path.join(run_dir, "train"))
             for step in eval_steps:
