@@ -26,7 +26,7 @@ def model_cost(name, input_size, in_channels, num_classes):
     model = create_model(name, input_size=input_size, in_channels=in_channels, num_classes=num_classes).eval()
     x = torch.randn(1, in_channels, input_size, input_size)
     t, y = torch.tensor([500]), torch.tensor([0])
-    return sum(p.numel() for p in model.parameters()), forward_flops(model, x, t, y) / 1e9
+    return sum(p.numel() for p in model.parameters()), forward_flops(model, x, t, {"y": y}) / 1e9
 
 
 def training_speed(name, args, device):
