@@ -50,7 +50,7 @@ from storage.atomic_file import DISK_ERRNOS
 
 USAGE_EXIT_CODE = 2        # argparse's code for a bad command line
 ENVIRONMENT_EXIT_CODE = 1  # a valid command that the disk could not serve
-RANK_ZERO_GRACE_S = 10   # how long other ranks leave rank 0 to report a shared error
+RANK_ZERO_GRACE_S = 10     # how long other ranks leave rank 0 to report a shared error
 
 
 class UsageError(ValueError):
