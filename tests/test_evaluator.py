@@ -106,14 +106,16 @@ def test_command_line_mistakes_exit_2_with_one_line_and_write_nothing(tmp_path):
     sample = write_images(tmp_path / "sample.npz", 1)
     command = [sys.executable, "-m", "evaluations.evaluator", str(tmp_path / "ref.npz"), sample]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    for flags, message in ((["--inception-weights", str(tmp_path / "none.pth")],
-                            f"--inception-weights {tmp_path}/none.pth: no such file"),
-                           (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-                           (["--output", str(tmp_path / "sample.npz" / "m.json")],
-                            f"--output {tmp_path}/sample.npz/m.json cannot be created: {tmp_path}/sample.npz is not "
-                            "a directory")):
-        result = subprocess.run([*command, *flags], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-        assert (result.returncode, result.stderr) == (2, f"evaluator.py: error: {message}\n")
+    result = subprocess.run([*command, "--inception-weights", str(tmp_path / "none.pth")], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=120)
+    assert (result.returncode, result.stderr) == (
+        2, f"evaluator.py: error: --inception-weights {tmp_path}/none.pth: no such file\n")
+    args = evaluator.build_parser().parse_args([str(tmp_path / "ref.npz"), sample])
+    with pytest.raises(UsageError, match="^--batch-size must be >= 1, got 0$"):
+        evaluator.main(argparse.Namespace(**{**vars(args), "batch_size": 0}))
+    with pytest.raises(UsageError, match=f"^--output {tmp_path}/sample.npz/m.json cannot be created: {tmp_path}/"
+                                         "sample.npz is not a directory$"):
+        evaluator.main(argparse.Namespace(**{**vars(args), "output": str(tmp_path / "sample.npz" / "m.json")}))
     assert os.listdir(tmp_path) == ["sample.npz"]
 
 
