@@ -167,6 +167,20 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def check_transformer_shape(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio):
+    """ValueError naming the first constructor argument that cannot build a DiT (e.g. --model-arg depth=0)."""
+    for name, value in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
+                        ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < float("inf"):
+        raise ValueError(f"mlp_ratio must be a finite number > 0, got {mlp_ratio!r}")
+    if input_size % patch_size:
+        raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+
+
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone, optionally with task routing in every block."""
 
@@ -194,6 +208,7 @@ class DiT(nn.Module):
         if class_dropout_prob is None:
             # Unconditional models (num_classes = 1) get no label dropout and no null class.
             class_dropout_prob = 0.1 if num_classes > 1 else 0.0
+        check_transformer_shape(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio)
         validate_routing(routing, NUM_TIMESTEPS, hidden_size, alpha, beta)
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,

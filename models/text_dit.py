@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.dit import (Attention, DiT_SHAPES, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, initialize_dit_weights,
+from models.dit import (Attention, DiT_SHAPES, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, check_transformer_shape,
+                        initialize_dit_weights,
                         modulate)
 from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps, make_block_router, routed, validate_routing
 
@@ -117,6 +118,7 @@ class TextDiT(nn.Module):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not (isinstance(caption_dropout_prob, (int, float)) and 0 <= caption_dropout_prob <= 1):
             raise ValueError(f"caption_dropout_prob must lie in [0, 1], got {caption_dropout_prob!r}")
+        check_transformer_shape(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio)
         validate_routing(routing, NUM_TIMESTEPS, hidden_size, alpha, beta)
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,

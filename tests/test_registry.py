@@ -45,6 +45,18 @@ def test_unknown_override_names_it_and_the_valid_arguments(name, bad):
         create_model(name, **{bad: 3})
 
 
+@pytest.mark.parametrize("name", ["DiT-S/2", "TextDiT-S/2"])
+@pytest.mark.parametrize("bad, message", [
+    (dict(depth=0), "depth must be an integer >= 1, got 0"),
+    (dict(hidden_size=32, num_heads=3), "hidden_size 32 is not divisible by num_heads 3"),
+    (dict(mlp_ratio=float("nan")), "mlp_ratio must be a finite number > 0"),
+    (dict(patch_size=2.0), "patch_size must be an integer >= 1, got 2.0"),
+])
+def test_overrides_that_cannot_build_a_transformer_name_the_argument(name, bad, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(name, **bad)
+
+
 def test_unknown_name_lists_every_family():
     with pytest.raises(ValueError, match="unknown model 'ADM-FFHQ256'; expected one of DiT-XL/2.*ADM-FFHQ64"):
         create_model("ADM-FFHQ256")

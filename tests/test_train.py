@@ -255,6 +255,8 @@ def test_bad_inputs_fail_before_training_with_clear_errors(tmp_path, images):
         (["--data-path", images, "--num-classes", "1"], "2 classes but --num-classes is 1"),
         (["--data-path", images, "--model-arg", "hiden_size=64"], r"DiT-S/2 \(DiT\) has no argument hiden_size"),
         (["--data-path", images, "--model-arg", "routing=dtr"], "routing=... is set by --routing"),
+        (["--data-path", images, "--model-arg", "depth=0"], "depth must be an integer >= 1, got 0"),
+        (["--data-path", images, "--model-arg", "num_heads=3"], "hidden_size 32 is not divisible by num_heads 3"),
         (["--data-path", images, "--snr-gamma", "0"], "--snr-gamma must be a finite number > 0, got 0.0"),
         (["--config", tmp_path / "nowhere.yaml"], "--config .*nowhere.yaml: No such file or directory"),
     ]
