@@ -31,6 +31,8 @@ TOY = textwrap.dedent("""
         check_on_every_rank(lambda: make_output_dir(args.out, "--out") if rank == args.writer else None)
         dist.barrier() if world_size > 1 else None  # every rank would wait here if one had left
         sys.stdout.write(f"done {rank}\\n")  # one write: the two ranks share the pipe
+        if world_size > 1:  # as the scripts do: exiting with a live gloo group can abort ("terminate called")
+            dist.destroy_process_group()
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=finite_float, default=1.0)
