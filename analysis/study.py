@@ -1,14 +1,17 @@
 """Small-scale study on Fashion-MNIST: vanilla, R-TR and DTR trained alike, FID along training (Fig. 5, Table 1).
 
-    python -m analysis.study --out study-results --size small --seeds 0 1 2 --steps 1500 --eval-every 300
+    python -m analysis.study --out study-results --size small --seeds 0 1 2 --steps 400 --eval-every 100
 
-Every (routing, seed) run is one train.py process (pixel space, the same seed, data order, noise and budget for
-every routing) that checkpoints every --eval-every steps; each checkpoint is sampled by sample_ddp.py with fixed
-sampling seeds and scored by evaluations.evaluator against one fixed reference, a seeded subset of the t10k (test)
-split. Runs go seed by seed, so a study cut short still holds whole seeds. <out>/results.json keeps every number
-and timing; re-running the same command skips finished runs and evaluations, and continues an interrupted
-training from its last checkpoint. After each run it rewrites <out>/convergence.png (FID against step, mean and
-spread over seeds, as Fig. 5) and <out>/table.md (final metrics, as Table 1, and the paired DTR - vanilla gaps).
+Every (routing, seed) run is one train.py process (pixel space; the same seed, data order, noise and budget for
+every routing) that checkpoints every --eval-every steps. Each checkpoint's EMA model is sampled by sample_ddp.py's
+main with fixed sampling seeds and scored in this process with the evaluator's Inception features against one fixed
+reference, a seeded subset of the t10k (test) split (FID only, as Table 1; computed exactly through an (n, n)
+eigenproblem, since a 2048 x 2048 sqrtm per checkpoint would cost more than the sampling on one CPU core). Runs go
+seed by seed, so a study cut short still holds whole seeds. <out>/results.json keeps every number and timing;
+re-running the same command skips finished runs and evaluations and continues an interrupted training from its
+last checkpoint; other --seeds or --routings add runs. After each run it rewrites <out>/convergence.png (FID
+against step, mean and min-max over seeds, as Fig. 5) and <out>/table.md (final FID as Table 1, FID per step,
+the paired DTR - vanilla and R-TR - vanilla gaps, the compute spent). Measured results: docs/study.md.
 """
 import argparse
 import glob
