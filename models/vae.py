@@ -4,7 +4,6 @@ Latent models see VAE latents times LATENT_SCALE (256x256x3 -> 32x32x4); pixel-s
 tiny DiTs) use no VAE, written "none" in flags and checkpoints. diffusers is imported only when a VAE
 is actually loaded, so pixel-space training and sampling do not need it.
 """
-import importlib.util
 import os
 import warnings
 
@@ -26,14 +25,14 @@ def vae_name(name):
 def load_vae(name_or_path, device):
     """The diffusers AutoencoderKL of a latent model (a shorthand, Hub name or local folder), in eval mode."""
     from diffusers.models import AutoencoderKL  # imported here: pixel-space models need no diffusers
+    from diffusers.utils import is_accelerate_available
     path = vae_name(name_or_path)
     try:
         with warnings.catch_warnings():  # diffusers passes hf_hub_download an argument huggingface_hub deprecated
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
             # Low-memory loading needs accelerate; without it diffusers would print a paragraph recommending it
             # (also before an error, which must stay one line), so ask for it only where it is installed.
-            low_cpu_mem_usage = importlib.util.find_spec("accelerate") is not None
-            return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=low_cpu_mem_usage).to(device).eval()
+            return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=is_accelerate_available()).to(device).eval()
     except OSError:  # diffusers: a folder without the model files, or weights neither cached nor downloadable
         if os.path.isdir(path):
             why = f"the folder {path} does not hold a diffusers AutoencoderKL (config.json and weights)"
