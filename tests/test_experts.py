@@ -4,7 +4,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import sample_ddp
 import train
@@ -13,9 +12,8 @@ from diffusion.gaussian_diffusion import GaussianDiffusion
 from models import DiT
 from sampling.experts import TimestepExperts, check_expert_ranges, load_experts
 from sampling.seeded import generate
+from test_train import TINY, images  # noqa: F401  (the module-scoped image folder fixture)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny_pixel.yaml")
 RANGES = [(0, 299), (300, 649), (650, 999)]
 
 
@@ -70,18 +68,6 @@ def test_expert_ranges_must_tile_every_timestep():
                             ([(0, 998)], "belong to no expert"), ([(0, 10), (20, 11)], "empty")]:
         with pytest.raises(ValueError, match=message):
             check_expert_ranges(ranges)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """12 random 10x10 RGB images in two class folders (center-cropped to 8x8 by the dataset)."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        os.makedirs(root / c)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return str(root)
 
 
 def test_timestep_range_trains_only_its_tasks_and_sample_ddp_joins_the_experts(tmp_path, images, monkeypatch):
