@@ -49,6 +49,25 @@ def read_batch(path):
     return batch
 
 
+def image_size_of(path):
+    """(H, W) of a batch's arr_0 images read from the array's header alone (no pixels loaded), or None without
+    arr_0; raises ValueError for a file that is not a readable .npz."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if "arr_0.npy" not in archive.namelist():
+                return None
+            with archive.open("arr_0.npy") as member:
+                version = np.lib.format.read_magic(member)
+                if version not in ((1, 0), (2, 0)):  # 3.0 (utf-8 field names) never holds plain uint8 images
+                    return None
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, _ = read_header(member)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{path} is not a readable .npz file: {error}") from error
+    return tuple(shape[1:3]) if len(shape) >= 3 else None
+
+
 def write_npz_atomic(path, **arrays):
     """np.savez through a temporary file and os.replace, so a crash never leaves a half-written file."""
     atomic_write(path, lambda f: np.savez(f, **arrays))

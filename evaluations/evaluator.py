@@ -13,7 +13,7 @@ import torch
 
 from launch.cli import UsageError, check_writable, make_output_dir, run_command
 from storage.atomic_file import atomic_write_json
-from evaluations.batch_npz import read_batch, write_npz_atomic
+from evaluations.batch_npz import image_size_of, read_batch, write_npz_atomic
 from evaluations.inception import InceptionFeatures
 from evaluations.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 
@@ -66,6 +66,25 @@ def read_batches(ref_path, sample_path):
     if sample["images"] is None:
         raise UsageError(f"{sample_path}: the sample batch needs its images under arr_0")
     return ref, sample
+
+
+def check_same_image_size(ref_path, sample_path):
+    """UsageError if the sample and reference images differ in size: Inception resizes both to 299x299, so an FID
+    of 64x64 samples against a 32x32 reference is a number, but not one that compares like with like.
+
+    Reads the arrays' headers only, so it costs nothing before hours of feature extraction. A reference of
+    statistics only (mu, sigma) does not say its size and is not checked.
+    """
+    if not (os.path.isfile(ref_path) and os.path.isfile(sample_path)):
+        return  # read_batches names the missing file
+    try:
+        ref_size, sample_size = image_size_of(ref_path), image_size_of(sample_path)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if ref_size is not None and sample_size is not None and ref_size != sample_size:
+        raise UsageError(f"the samples are {sample_size[0]}x{sample_size[1]} images ({sample_path}) but the reference "
+                         f"is {ref_size[0]}x{ref_size[1]} ({ref_path}): metrics compare batches of one resolution; "
+                         f"use the reference batch of the samples' size")
 
 
 def evaluate(ref_path, sample_path, inception, batch_size=50):
@@ -135,6 +154,7 @@ def main(args):
     device = inference_device(args.device)
     output = args.output or os.path.splitext(args.sample_batch)[0] + ".metrics.json"
     check_writable(output, "--output")  # before hours of feature extraction
+    check_same_image_size(args.ref_batch, args.sample_batch)
     inception = load_inception(args.inception_weights, device)
     metrics, unavailable = evaluate(args.ref_batch, args.sample_batch, inception, args.batch_size)
     print(format_metrics(metrics, unavailable))

@@ -29,6 +29,8 @@ Rules of the contract:
     flag) at the start tests an output path without creating it, make_output_dir(path, flag) creates the folder
     once the inputs have passed.
   * UsageError is a ValueError, so library callers (and tests calling main(args)) can catch it as before.
+  * argparse's own errors (a bad number such as --lr nan, an unknown flag, a missing argument) end the same way
+    under run_command: one line, not the 16-27 line usage block first (`prog -h` prints that).
   * Under torchrun every rank runs the same checks and exits 2; the line is printed once, by rank 0. A check
     whose verdict can differ between ranks (rank 0 alone creates the results folder) goes through
     check_on_every_rank, which shares the verdict so that no rank waits forever in a collective.
@@ -38,6 +40,7 @@ Rules of the contract:
     such an OSError with the target path even where torch.save hides it.
 """
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -161,6 +164,22 @@ def _stop(parser, message, code, print_on_this_rank):
     sys.exit(code)
 
 
+@contextlib.contextmanager
+def one_line_argparse_errors():
+    """Within the block, argparse's errors raise UsageError instead of printing the usage block and exiting.
+
+    Set on the class for the time of parsing only: train.py parses with parsers it builds itself (--config).
+    """
+    def error(parser, message):
+        raise UsageError(message)
+    previous = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = previous
+
+
 def run_command(main, parser, parse_args=None):
     """Parse the command line and return main(args); a UsageError or a failed write ends in one line, no traceback.
 
@@ -168,7 +187,8 @@ def run_command(main, parser, parse_args=None):
     (train.py reads --config first); default parser.parse_args(). Its UsageErrors are handled the same way.
     """
     try:
-        args = parse_args() if parse_args is not None else parser.parse_args()
+        with one_line_argparse_errors():
+            args = parse_args() if parse_args is not None else parser.parse_args()
         return main(args)
     except UsageError as error:
         _stop(parser, " ".join(str(error).split("\n")), USAGE_EXIT_CODE, _rank() == 0)

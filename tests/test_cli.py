@@ -62,6 +62,9 @@ def test_usage_error_is_one_line_and_exit_code_2_and_a_bug_keeps_its_traceback(t
     result = toy(tmp_path, "--scale", "-1")
     assert result.returncode == 2
     assert result.stderr == "toy.py: error: --scale must be >= 0, got -1.0\n"
+    result = toy(tmp_path, "--scale", "nan")  # argparse's own errors: the same one line, no usage block first
+    assert (result.returncode, result.stderr) == (2, "toy.py: error: argument --scale: expected a finite number, "
+                                                     "got 'nan'\n")
     result = toy(tmp_path, "--bug")
     assert result.returncode == 1 and "Traceback" in result.stderr and "RuntimeError: a bug" in result.stderr
     assert not os.path.exists(tmp_path / "out")  # nothing written for a rejected command

@@ -16,7 +16,7 @@ pytest.importorskip("torch_fidelity", reason="torch-fidelity (eval extra) is not
 
 from evaluations import evaluator  # noqa: E402
 from evaluations.inception import InceptionFeatures  # noqa: E402
-from launch.cli import UsageError  # noqa: E402
+from launch.cli import UsageError, run_command  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,7 +102,7 @@ def test_reference_statistics_are_read_as_they_are(tmp_path, inception):
     assert "Precision: unavailable (" in text and f"FID: {metrics['FID']}" in text
 
 
-def test_command_line_mistakes_exit_2_with_one_line_and_write_nothing(tmp_path):
+def test_command_line_mistakes_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch, capsys):
     sample = write_images(tmp_path / "sample.npz", 1)
     command = [sys.executable, "-m", "evaluations.evaluator", str(tmp_path / "ref.npz"), sample]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
@@ -117,6 +117,15 @@ def test_command_line_mistakes_exit_2_with_one_line_and_write_nothing(tmp_path):
                                          "sample.npz is not a directory$"):
         evaluator.main(argparse.Namespace(**{**vars(args), "output": str(tmp_path / "sample.npz" / "m.json")}))
     assert os.listdir(tmp_path) == ["sample.npz"]
+    # 64x64 samples against a 32x32 reference: one line through the command-line entry, before Inception loads
+    ref, large = write_images(tmp_path / "ref32.npz", 2, n=2, size=32), write_images(tmp_path / "s64.npz", 3, n=2, size=64)
+    monkeypatch.setattr(sys, "argv", ["evaluator.py", ref, large, "--inception-weights", str(tmp_path / "none.pth")])
+    with pytest.raises(SystemExit) as stop:
+        run_command(evaluator.main, evaluator.build_parser())
+    assert (stop.value.code, capsys.readouterr().err) == (2, (
+        f"evaluator.py: error: the samples are 64x64 images ({large}) but the reference is 32x32 ({ref}): metrics "
+        "compare batches of one resolution; use the reference batch of the samples' size\n"))
+    assert sorted(os.listdir(tmp_path)) == ["ref32.npz", "s64.npz", "sample.npz"]
 
 
 def test_missing_or_malformed_batches_are_usage_errors_naming_the_file(tmp_path):

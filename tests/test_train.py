@@ -15,7 +15,7 @@ from PIL import Image
 
 import train
 from float_comparison import intra_op_threads
-from launch.cli import UsageError
+from launch.cli import UsageError, run_command
 from models import ROUTING_KINDS, build_from_config, model_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -282,13 +282,23 @@ def train_cli(*argv, cwd=ROOT):
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=240)
 
 
-def test_command_line_mistakes_exit_2_with_one_line_and_write_nothing(tmp_path, images):
+def train_in_process(capsys, monkeypatch, *argv):
+    """train.py's command-line entry (run_command) in this process; returns (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", "--config", TINY, *map(str, argv)])  # argparse's prog
+    with pytest.raises(SystemExit) as stop:
+        run_command(train.main, train.build_parser(), train.parse_args)
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_command_line_mistakes_exit_2_with_one_line_and_write_nothing(tmp_path, images, capsys, monkeypatch):
     results = tmp_path / "results"
     result = train_cli("--data-path", images, "--results-dir", results, "--alpha", "0")
     assert (result.returncode, result.stderr) == (2, "train.py: error: --alpha must be a finite number > 0, got 0.0\n")
-    with pytest.raises(SystemExit) as stop:  # argparse's own error, also for a config's values
-        train.parse_args(["--config", TINY, "--data-path", images, "--lr=nan"])
-    assert stop.value.code == 2
+    nan_config = tmp_path / "nan.yaml"
+    nan_config.write_text("ema_decay: .nan\n")
+    for argv, flag in ((["--lr=inf"], "--lr"), (["--config", nan_config], "--ema-decay")):  # a config's too
+        assert train_in_process(capsys, monkeypatch, "--data-path", images, *argv) == (
+            2, f"train.py: error: argument {flag}: expected a finite number, got '{'inf' if flag == '--lr' else 'nan'}'\n")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     result = train_cli("--data-path", images, "--results-dir", blocker / "results")
