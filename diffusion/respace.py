@@ -20,7 +20,8 @@ def _parse_count(text, spec):
 def space_timesteps(num_timesteps, section_counts):
     """Set of original timesteps to keep.
 
-    section_counts: "ddimN" (N steps strided evenly from t = 0, DDIM's uniform spacing), an int,
+    section_counts: "ddimN" (N steps strided evenly from t = 0 with an integer stride < T, DDIM's uniform
+    spacing; official DiT raises for N with no such stride, "ddim1" included), an int,
     a list of ints, or a comma string "10,15,20": the T steps are split into equal sections and
     section i keeps count_i steps evenly spaced from its first to its last timestep (a running
     sum of the fractional stride, rounded half to even), the same set as improved DDPM / ADM /
@@ -34,7 +35,8 @@ def space_timesteps(num_timesteps, section_counts):
             if desired > num_timesteps:
                 raise ValueError(f"timestep_respacing {spec!r} asks for {desired} steps but the diffusion "
                                  f"has only {num_timesteps}")
-            for stride in range(1, num_timesteps + 1):
+            # strides 1 .. T - 1, as official DiT / ADM: a stride of T (one step, at t = 0) is refused there
+            for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return set(range(0, num_timesteps, stride))
             raise ValueError(f"timestep_respacing {spec!r}: no integer stride gives exactly {desired} steps "

@@ -13,9 +13,11 @@ import torch
 
 from diffusion import create_diffusion
 from diffusion.guidance import ClassifierFreeGuidance
+from diffusion.respace import space_timesteps
 from launch.cli import UsageError
+from models.routing import NUM_TIMESTEPS
 from models.vae import LATENT_SCALE, decode, load_vae
-from sampling.experts import load_experts
+from sampling.experts import check_lone_expert, load_experts
 from storage.checkpoint import checkpoint_flags, load_checkpoint
 
 
@@ -73,10 +75,19 @@ def check_sampling_flags(args):
     """UsageError for sampling flags that cannot work, before the checkpoint is read (sample.py, sample_ddp.py)."""
     if args.num_sampling_steps < 1:
         raise UsageError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
+    try:  # official DiT's respacing rules: e.g. DDIM needs an integer stride < T, so ddim1 is refused
+        space_timesteps(NUM_TIMESTEPS, timestep_respacing(args.sampler, args.num_sampling_steps))
+    except ValueError as error:
+        raise UsageError(f"--sampler {args.sampler} --num-sampling-steps {args.num_sampling_steps}: {error}") from None
     if args.cfg_scale is not None and args.cfg_scale < 0:
         # eps_u + s (eps_c - eps_u) with s < 0 steers away from the class: not classifier-free guidance
         raise UsageError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), "
                          f"got {args.cfg_scale}")
+
+
+def timestep_respacing(sampler, num_sampling_steps):
+    """create_diffusion's timestep_respacing for a sampler and step count: "ddimN" (DDIM's even stride) or "N"."""
+    return f"ddim{num_sampling_steps}" if sampler == "ddim" else str(num_sampling_steps)
 
 
 def resolve_cfg_scale(cfg_scale, num_classes, default, class_dropout_prob=0.1):
@@ -142,12 +153,13 @@ def load_for_sampling(args, device, default_cfg_scale):
         model, settings = load_experts(paths, expert_ranges, checkpoint_flags(args), args.use_model_weights)
     else:
         model, settings = load_checkpoint(paths[0], checkpoint_flags(args), args.use_model_weights)
+        check_lone_expert(settings, paths[0], getattr(args, "allow_partial_expert", False))
     model = model.to(device)
     # a text model is conditional (no num_classes); its null condition is the learned null caption
     dropout = model.config.get("class_dropout_prob", model.config.get("caption_dropout_prob", 0.1))
     cfg_scale = resolve_cfg_scale(args.cfg_scale, getattr(model, "num_classes", None), default=default_cfg_scale,
                                   class_dropout_prob=dropout)
-    respacing = f"ddim{args.num_sampling_steps}" if args.sampler == "ddim" else str(args.num_sampling_steps)
+    respacing = timestep_respacing(args.sampler, args.num_sampling_steps)
     diffusion = create_diffusion(**{**settings.diffusion_config, "timestep_respacing": respacing})
     vae = None if settings.vae == "none" else load_vae(settings.vae, device)
     return model, settings, cfg_scale, diffusion, vae

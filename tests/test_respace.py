@@ -131,6 +131,7 @@ def test_training_losses_pass_original_t_to_the_model():
     ("0", ">= 1"),
     ("ddim-5", ">= 1"),
     ("ddim999", "no integer stride"),
+    ("ddim1", "no integer stride"),  # official DiT's strides stop at T - 1: one step at t = 0 is refused
     ("600,600", "section of 500"),
 ])
 def test_bad_respacing_is_a_value_error(respacing, message):

@@ -10,6 +10,7 @@ from PIL import Image
 
 import sample
 import sample_ddp
+from command_line import run_cli
 from launch.cli import UsageError
 from models import DiT
 
@@ -100,6 +101,20 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(UsageError, match="checkpoint not found"):
         draw(str(tmp_path / "nope.pt"), tmp_path / "x.png")
     assert not os.path.exists(tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("steps, message", [
+    (["--sampler", "ddim", "--num-sampling-steps", "1"], "--sampler ddim --num-sampling-steps 1: timestep_respacing "
+                                                         "'ddim1': no integer stride gives exactly 1 steps out of 1000"),
+    (["--num-sampling-steps", "1001"], "--sampler ddpm --num-sampling-steps 1001: timestep_respacing '1001' asks for "
+                                       "1001 steps from a section of 1000 timesteps (diffusion has 1000)"),
+    (["--num-sampling-steps", "0"], "--num-sampling-steps must be >= 1, got 0"),
+])
+def test_step_counts_official_dit_refuses_are_one_line_before_the_checkpoint_is_read(tmp_path, steps, message):
+    code, stderr = run_cli(sample.main, sample.build_parser(), ["--ckpt", tmp_path / "never-read.pt", *steps,
+                                                                "--out", tmp_path / "x.png"], "sample.py")
+    assert (code, stderr) == (2, f"sample.py: error: {message}\n")
+    assert os.listdir(tmp_path) == []
 
 
 def sample_cli(script, *argv):
