@@ -66,6 +66,19 @@ class TimestepExperts(nn.Module):
         return out
 
 
+def check_lone_expert(settings, path, allowed, num_timesteps=NUM_TIMESTEPS):
+    """UsageError if a checkpoint sampled alone was trained on part of the timesteps only (one expert of several),
+    unless allowed (--allow-partial-expert): the sampler visits every t, most of which it never saw."""
+    if settings.timestep_range is None or allowed:
+        return
+    lo, hi = settings.timestep_range
+    if (lo, hi) == (0, num_timesteps - 1):
+        return
+    raise UsageError(f"{path} is one expert, trained only on t = {lo}..{hi} (--timestep-range), but sampling visits "
+                     f"every t in 0..{num_timesteps - 1}: give every expert (--ckpt A.pt B.pt ...), or "
+                     f"--allow-partial-expert to sample with this one alone")
+
+
 def load_experts(paths, ranges=None, flags=None, use_model_weights=False):
     """(TimestepExperts, settings of the first) from checkpoints; ranges default to each one's --timestep-range."""
     if ranges is not None and len(ranges) != len(paths):

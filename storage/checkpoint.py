@@ -343,6 +343,9 @@ def add_checkpoint_arguments(parser):
                              "multi-experts (Table 6), each step sampled by the expert owning its timestep")
     parser.add_argument("--expert-range", type=int, nargs=2, action="append", metavar=("LO", "HI"), default=None,
                         help="timestep range of each --ckpt, in order (default: its train.py --timestep-range)")
+    parser.add_argument("--allow-partial-expert", action="store_true",
+                        help="sample every timestep with one --ckpt trained on a --timestep-range only (an error "
+                             "otherwise: it never saw the other timesteps)")
     parser.add_argument("--use-model-weights", action="store_true",
                         help="sample the raw training weights instead of the EMA weights")
     # Defaults None: a flag given must agree with the checkpoint; raw state_dicts fall back to official DiT.

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+import sample
 import sample_ddp
 import train
+from command_line import run_cli
 from diffusion import create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from models import DiT
@@ -94,6 +96,16 @@ def test_timestep_range_trains_only_its_tasks_and_sample_ddp_joins_the_experts(t
         assert f["arr_0"].shape == (4, 8, 8, 3)
     with pytest.raises(ValueError, match="no --timestep-range"):
         load_experts([checkpoints[0], _full_range(tmp_path, images)])
+    # one expert alone would sample t = 500..999 with a model that never saw them: refused, unless asked for
+    lone = ["--ckpt", checkpoints[0], "--num-sampling-steps", "2", "--samples-per-class", "1", "--class-labels", "0"]
+    code, stderr = run_cli(sample.main, sample.build_parser(), [*lone, "--out", tmp_path / "a.png"], "sample.py")
+    assert (code, stderr) == (2, f"sample.py: error: {checkpoints[0]} is one expert, trained only on t = 0..499 "
+                                 "(--timestep-range), but sampling visits every t in 0..999: give every expert "
+                                 "(--ckpt A.pt B.pt ...), or --allow-partial-expert to sample with this one alone\n")
+    assert not os.path.exists(tmp_path / "a.png")
+    code, _ = run_cli(sample.main, sample.build_parser(), [*lone, "--out", tmp_path / "b.png", "--allow-partial-expert"],
+                      "sample.py")
+    assert code == 0 and os.path.isfile(tmp_path / "b.png")
 
 
 def _full_range(tmp_path, images):
