@@ -9,6 +9,8 @@ input channels; routing tables are non-persistent buffers, so the state_dict key
 guided-diffusion (input_blocks / middle_block / output_blocks / out, time_embed, label_emb, ...)
 and routing adds no parameters.
 """
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -227,7 +229,9 @@ class TimestepEmbedSequential(nn.Sequential):
 #################################################################################
 
 def parse_ints(value, name):
-    """Tuple of ints from "32,16,8" or an iterable of ints."""
+    """Tuple of ints from "32,16,8", an iterable of ints, or one int (YAML reads `attention_resolutions=8` as 8)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return (int(value),)
     if isinstance(value, str):
         try:
             return tuple(int(v) for v in value.split(",") if v.strip())

@@ -9,6 +9,7 @@ of MODEL_FAMILIES. Every model keeps its full constructor arguments in `model.co
 model_config(name, model) is all a checkpoint needs to rebuild it.
 """
 import inspect
+import numbers
 from dataclasses import dataclass
 
 from models.adm import ADM, ADM_models
@@ -50,13 +51,52 @@ def family_of(name):
 
 
 def check_overrides(name, overrides):
-    """Raise ValueError naming every override that is not a constructor argument of the model's family."""
+    """Raise ValueError naming every override that is not a constructor argument of the model's family, or the
+    first whose value has the wrong type for its argument."""
     family = family_of(name)
     valid = family.arguments()
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ValueError(f"{name} ({family.constructor.__name__}) has no argument {', '.join(unknown)}; "
                          f"valid: {', '.join(valid)}")
+    check_override_types(name, overrides)
+
+
+def _is_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _expected_type(default):
+    """(what an override of an argument with this default must be, in words; its test)."""
+    if isinstance(default, bool):
+        return "true or false", lambda v: isinstance(v, bool)
+    if _is_integer(default):
+        return "an integer", _is_integer
+    if _is_number(default):
+        return "a number", _is_number
+    if isinstance(default, str):
+        return "a string", lambda v: isinstance(v, str)
+    if isinstance(default, (tuple, list)):  # ADM's channel_mult / attention_resolutions: one int is a 1-tuple
+        return ("an integer or a list of integers, e.g. 8 or [32, 16, 8]",
+                lambda v: _is_integer(v) or isinstance(v, str) or (
+                    isinstance(v, (tuple, list)) and all(_is_integer(x) for x in v)))
+    # default None: the label / caption dropout probabilities (None = the model's own choice)
+    return "a number or null", lambda v: v is None or _is_number(v)
+
+
+def check_override_types(name, overrides):
+    """Raise ValueError naming the first override whose value has the wrong type (e.g. depth=1.5, learn_sigma=2)."""
+    parameters = inspect.signature(family_of(name).constructor).parameters
+    for key, value in overrides.items():
+        if key not in parameters:
+            continue
+        expected, fits = _expected_type(parameters[key].default)
+        if not fits(value):
+            raise ValueError(f"{name} argument {key} expects {expected}, got {value!r} ({type(value).__name__})")
 
 
 def create_model(name, **overrides):

@@ -50,11 +50,33 @@ def test_unknown_override_names_it_and_the_valid_arguments(name, bad):
     (dict(depth=0), "depth must be an integer >= 1, got 0"),
     (dict(hidden_size=32, num_heads=3), "hidden_size 32 is not divisible by num_heads 3"),
     (dict(mlp_ratio=float("nan")), "mlp_ratio must be a finite number > 0"),
-    (dict(patch_size=2.0), "patch_size must be an integer >= 1, got 2.0"),
+    (dict(patch_size=2.0), r"argument patch_size expects an integer, got 2.0 \(float\)"),
 ])
 def test_overrides_that_cannot_build_a_transformer_name_the_argument(name, bad, message):
     with pytest.raises(ValueError, match=message):
         create_model(name, **bad)
+
+
+@pytest.mark.parametrize("name, bad, expected", [
+    ("DiT-S/2", dict(depth=1.5), "an integer, got 1.5 (float)"),
+    ("DiT-S/2", dict(learn_sigma=2), "true or false, got 2 (int)"),
+    ("DiT-S/2", dict(alpha="big"), "a number, got 'big' (str)"),
+    ("ADM-FFHQ64", dict(channel_mult=[1.5]), "an integer or a list of integers, e.g. 8 or [32, 16, 8], got [1.5] (list)"),
+    ("ADM-FFHQ64", dict(class_dropout_prob="x"), "a number or null, got 'x' (str)"),
+])
+def test_override_of_the_wrong_type_names_the_argument_and_what_it_expects(name, bad, expected):
+    (key,) = bad
+    with pytest.raises(ValueError) as error:
+        create_model(name, **bad)
+    assert str(error.value) == f"{name} argument {key} expects {expected}"
+
+
+def test_one_integer_is_a_one_element_tuple_for_adm_lists():
+    # YAML reads --model-arg attention_resolutions=8 as the int 8: the natural value for a small UNet
+    with torch.device("meta"):
+        model = create_model("ADM-FFHQ64", input_size=8, model_channels=32, num_res_blocks=1,
+                             attention_resolutions=8, channel_mult=2)
+    assert model.config["attention_resolutions"] == (8,) and model.config["channel_mult"] == (2,)
 
 
 def test_unknown_name_lists_every_family():
