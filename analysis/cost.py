@@ -5,7 +5,7 @@
 DTR adds no parameters and only a mask multiply per block, so its FLOPs equal the vanilla model's; what it can
 cost is wall time. Training steps are train.py's (benchmarks/train_throughput.py: forward + loss, backward, AdamW,
 EMA); the vanilla and DTR steps alternate round by round and the fastest round of each is reported, so load from
-other processes on a shared machine hits both alike. FLOPs are FlopCounterMode's (a multiply-add counts 2).
+other processes on a shared machine hits both alike; the range of the per-round ratio is printed beside it. FLOPs are FlopCounterMode's (a multiply-add counts 2).
 """
 import argparse
 import time
@@ -18,6 +18,9 @@ from benchmarks.train_throughput import build_training_step, forward_flops, time
 from launch.cli import UsageError, finite_float, run_command
 from models import DiT_models, create_model, model_names
 from storage.atomic_file import atomic_write
+
+MIN_WARMUP = 1  # untimed steps per model: the first one allocates, picks kernels and warms caches
+MIN_ROUNDS = 3  # timed steps per model: the fastest of fewer says nothing about a few-percent difference
 
 
 def model_cost(name, input_size, in_channels, num_classes):
@@ -41,16 +44,21 @@ def training_speed(name, args, device):
             elapsed = timed(step, device)
             if round_index >= args.warmup:
                 seconds[routing].append(elapsed)
-    return {routing: args.batch_size / min(values) for routing, values in seconds.items()}
+    # per round, DTR / vanilla images/s: its range says how far the machine's noise moves the reported ratio
+    ratios = [none / dtr for none, dtr in zip(seconds["none"], seconds["dtr"])]
+    return {**{routing: args.batch_size / min(values) for routing, values in seconds.items()},
+            "ratio_range": (min(ratios), max(ratios))}
 
 
 def cost_table(rows, args, device, threads):
     """Markdown: one row per model, the measuring machine and settings underneath."""
-    lines = ["| model | params (M) | forward GFLOPs | train images/s vanilla | train images/s DTR | DTR / vanilla |",
+    lines = ["| model | params (M) | forward GFLOPs | train images/s vanilla | train images/s DTR | DTR / vanilla "
+             "(range over rounds) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
+        low, high = row["ratio_range"]
         lines.append(f"| {row['model']} | {row['params'] / 1e6:.1f} | {row['gflops']:.2f} | {row['none']:.2f} | "
-                     f"{row['dtr']:.2f} | {row['dtr'] / row['none']:.3f} |")
+                     f"{row['dtr']:.2f} | {row['dtr'] / row['none']:.3f} ({low:.3f}-{high:.3f}) |")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} thread(s)"
     lines += ["", f"Input {args.in_channels}x{args.input_size}x{args.input_size}, {args.num_classes} classes; "
               f"training batch {args.batch_size}, fp32, {where}; fastest of {args.rounds} interleaved rounds after "
@@ -67,6 +75,11 @@ def main(args):
     for flag in ("batch_size", "rounds", "input_size", "in_channels", "num_classes", "threads"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < MIN_WARMUP or args.rounds < MIN_ROUNDS:
+        # --warmup 0 --rounds 1 once reported DTR 2.06x faster: the vanilla model's first step paid the setup
+        raise UsageError(f"--warmup {args.warmup} --rounds {args.rounds} is too small to time anything: the first "
+                         f"step of a model pays one-time setup, and the fastest of fewer than {MIN_ROUNDS} rounds is "
+                         f"noise; give --warmup >= {MIN_WARMUP} --rounds >= {MIN_ROUNDS}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
