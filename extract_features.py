@@ -28,7 +28,7 @@ from tqdm import tqdm
 from imagedata import BadImageError, ImageFileDataset, build_dataset
 from imagedata.latents import read_shard_record, shard_is_finished, write_manifest, write_shard
 from launch.cli import UsageError, check_on_every_rank, make_output_dir, run_command
-from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
+from launch.process_group import add_launch_arguments, default_num_workers, describe_distributed, setup_distributed
 from models.vae import LATENT_SCALE, encode_with_flip, load_vae, vae_name
 
 
@@ -189,7 +189,8 @@ def build_parser():
                         help="posterior (default, as official DiT): store mean and std, training samples a latent "
                              "every step (64 KiB per 256px image); mean: the posterior mean only (32 KiB)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--num-workers", type=int, default=default_num_workers(),
+                        help="data-loader processes per rank; default: 4 (official DiT), or the CPUs available if fewer")
     parser.add_argument("--shard-size", type=int, default=10000)
     parser.add_argument("--skip-bad-images", action="store_true")
     add_launch_arguments(parser)

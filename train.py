@@ -65,7 +65,8 @@ from imagedata.latents import sample_posterior
 from launch.cli import UsageError, check_on_every_rank, finite_float, make_output_dir, run_command
 from launch.model_args import add_model_arg
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
-from launch.process_group import add_launch_arguments, cleanup_distributed, describe_distributed, setup_distributed
+from launch.process_group import (add_launch_arguments, cleanup_distributed, default_num_workers, describe_distributed,
+                                  setup_distributed)
 from models import ROUTING_KINDS, TextDiT, check_overrides, create_model, family_of, model_names
 from models import model_config as model_config_of
 from models.routing import NUM_TIMESTEPS
@@ -185,6 +186,15 @@ def check_data_fits_model(args, dataset):
     if resolution != args.image_size:
         raise UsageError(f"dataset yields {resolution}x{resolution} images but --image-size is {args.image_size}")
     return resolution, channels
+
+
+def unused_classes_warning(args, dataset):
+    """A warning line when --num-classes exceeds the data's classes (legal, e.g. a config's 1000 on a small
+    folder: the extra label embeddings never train and samples of those classes are noise), else None."""
+    if is_text_model(args.model) or dataset.num_classes >= args.num_classes:
+        return None
+    return (f"Warning: --num-classes {args.num_classes} but the data ({args.data_path or args.feature_path}) has "
+            f"{dataset.num_classes} classes; classes {dataset.num_classes}..{args.num_classes - 1} never train")
 
 
 def diffusion_config_of(args):
@@ -328,6 +338,9 @@ def train(args, rank, world_size, device, preemption=None):
                     f"routing {model.routing_config()}")
         logger.info(f"Dataset contains {len(dataset):,} samples ({args.data_path or args.feature_path}); "
                     f"model input {model.in_channels}x{model.input_size}x{model.input_size}")
+        warning = unused_classes_warning(args, dataset)
+        if warning:
+            logger.warning(warning)
 
         # broadcast_buffers=False: the only buffers (routing tables of DiT / ADM / text DiT) are fixed and built
         # alike on every rank; re-sending them each step cost 25 MB (DiT-L/2) to 32 MB (DiT-XL/2) per step
@@ -470,7 +483,8 @@ def build_parser():
                       help="'none' trains on --data-path images in pixel space (required there: images are not "
                            "encoded on the fly). With --feature-path the VAE named in the latents' manifest "
                            "(extract_features.py --vae) is used and recorded in checkpoints; other values are ignored")
-    data.add_argument("--num-workers", type=int, default=4)
+    data.add_argument("--num-workers", type=int, default=default_num_workers(),
+                      help="data-loader processes per rank; default: 4 (official DiT), or the CPUs available if fewer")
     data.add_argument("--captions", type=str, default=None,
                       help="text models: MS-COCO captions_*.json of the training images (annotations/captions_train2014.json)")
     model = parser.add_argument_group("model")

@@ -18,6 +18,17 @@ from launch.cli import UsageError, finite_float
 
 DEVICES = ("auto", "cuda", "cpu")
 DEFAULT_TIMEOUT_MINUTES = 30  # longest collective wait: ranks at a barrier while rank 0 writes a 7 GB checkpoint
+OFFICIAL_NUM_WORKERS = 4      # official DiT's --num-workers
+
+
+def default_num_workers():
+    """Data-loader workers per process: official DiT's 4, or as many as the CPUs this process may use if fewer
+    (torch's DataLoader warns above that: on a 2-core machine the official 4 oversubscribe it)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on macOS
+        cpus = os.cpu_count() or 1
+    return min(OFFICIAL_NUM_WORKERS, cpus)
 
 
 def add_launch_arguments(parser):

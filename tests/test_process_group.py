@@ -7,10 +7,20 @@ import pytest
 import torch
 
 from launch.cli import UsageError
-from launch.process_group import first_host, resolve_device, setup_distributed, slurm_environment
+from launch.process_group import default_num_workers, first_host, resolve_device, setup_distributed, slurm_environment
 from test_train import TINY, images, load  # noqa: F401  (the module-scoped image folder fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_num_workers_default_is_official_four_or_the_cpus_this_process_may_use(monkeypatch):
+    import extract_features
+    import train
+    for cpus, expected in ((2, 2), (64, 4)):  # a 2-core machine: 2 (torch's DataLoader warns above), a node: 4
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert default_num_workers() == expected
+        assert train.build_parser().parse_args([]).num_workers == expected
+        assert extract_features.build_parser().parse_args(["--data-path", "x"]).num_workers == expected
 
 
 @pytest.mark.parametrize("nodelist, host", [

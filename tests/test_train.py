@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import train
+from command_line import run_cli
 from float_comparison import intra_op_threads
 from launch.cli import UsageError, run_command
 from models import ROUTING_KINDS, build_from_config, model_names
@@ -164,7 +165,10 @@ def test_checkpoint_has_contract_keys_and_rebuilds_the_model(tmp_path, images):
     assert 0 < moved
     metrics = [json.loads(line) for line in open(f"{exp}/metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in metrics)
-    assert "Train Loss" in open(f"{exp}/log.txt").read()
+    log = open(f"{exp}/log.txt").read()
+    assert "Train Loss" in log
+    # the tiny config's 10 classes on 2 class folders: legal, but said in one line
+    assert f"Warning: --num-classes 10 but the data ({images}) has 2 classes; classes 2..9 never train\n" in log
 
 
 def test_resume_mid_epoch_matches_uninterrupted_bitwise(tmp_path, images):
@@ -241,6 +245,19 @@ def test_non_finite_loss_stops_with_its_step_and_writes_no_bad_checkpoint(tmp_pa
 #################################################################################
 #                                  Bad input                                    #
 #################################################################################
+
+def test_model_arg_of_the_wrong_type_is_one_line_and_an_int_is_a_one_element_list(tmp_path, images):
+    code, stderr = run_cli(train.main, train.build_parser(), ["--config", TINY, "--data-path", images, "--results-dir",
+                           tmp_path, "--model-arg", "depth=1.5"], "train.py", parse_args=train.parse_args)
+    assert (code, stderr) == (2, "train.py: error: DiT-S/2 argument depth expects an integer, got 1.5 (float)\n")
+    assert os.listdir(tmp_path) == []
+    args = train.parse_args(["--config", os.path.join(ROOT, "configs", "table1", "ffhq64_adm_dtr.yaml"),
+                             "--model-arg", "attention_resolutions=8", "--model-arg", "model_channels=32"])
+    train.validate_args(args)
+    with torch.device("meta"):
+        model = train.build_model(args, 64, 3, 1)
+    assert model.config["attention_resolutions"] == (8,)
+
 
 def test_bad_inputs_fail_before_training_with_clear_errors(tmp_path, images):
     empty = tmp_path / "empty"
