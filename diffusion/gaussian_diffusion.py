@@ -113,17 +113,28 @@ class GaussianDiffusion:
     #   Schedule lookup                                                  #
     # ------------------------------------------------------------------ #
 
-    def _extract(self, name, t, like):
-        """Table `name` at timesteps t (N,), as like.dtype, shaped (N, 1, ..., 1) to broadcast against like."""
-        tables = self._tables_by_device.get(t.device)
-        if tables is None:
-            tables = {}
-            self._tables_by_device[t.device] = tables
+    SCHEDULE_TABLES = ("alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next", "sqrt_alphas_cumprod",
+                       "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                       "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                       "posterior_mean_coef1", "posterior_mean_coef2", "log_betas", "fixed_large_variance")
+
+    def place_tables(self, device):
+        """Copy every schedule table to `device` now, so that no step of a loop starts with a host copy."""
+        for name in self.SCHEDULE_TABLES:
+            self._table(name, torch.device(device))
+        return self
+
+    def _table(self, name, device):
+        """Schedule table `name` as a tensor on `device`, copied there once (a copy per step would sync)."""
+        tables = self._tables_by_device.setdefault(device, {})
         table = tables.get(name)
         if table is None:
-            table = torch.from_numpy(getattr(self, name)).to(t.device)
-            tables[name] = table
-        return table[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+            table = tables[name] = torch.as_tensor(np.asarray(getattr(self, name))).to(device)
+        return table
+
+    def _extract(self, name, t, like):
+        """Table `name` at timesteps t (N,), as like.dtype, shaped (N, 1, ..., 1) to broadcast against like."""
+        return self._table(name, t.device)[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
     def _model_timesteps(self, t):
         """Timesteps as the model sees them; identity here, original-scale t in SpacedDiffusion."""
@@ -361,6 +372,7 @@ class GaussianDiffusion:
             else:
                 param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
                 device = param.device if param is not None else torch.device("cpu")
+        self.place_tables(device)  # before the first step, not inside it
         if noise is not None:
             if tuple(noise.shape) != tuple(shape):
                 raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {tuple(shape)}")
@@ -385,8 +397,11 @@ class GaussianDiffusion:
             x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])) / math.log(2.0)
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
-    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, global_t=None):
         """Per-sample losses at timesteps t: {"loss", "mse", "vb"} (improved DDPM Eq. 16, L_hybrid).
+
+        global_t: under DDP, the whole global batch's timesteps of which t is this rank's share (ANT-UW
+        counts its clusters from them instead of an all-reduce); other weightings ignore it.
 
         "mse" is the raw prediction error, "loss" = loss_weighting(mse, t) + vb, or for ANT-UW
         loss_weighting(mse + vb, t); the VB term is computed with the mean detached (so it only
@@ -425,8 +440,9 @@ class GaussianDiffusion:
         terms["mse"] = mean_flat((target - model_output) ** 2)
         if self.loss_weighting.weights_vb:
             # ANT-UW: the cluster's uncertainty weights its whole loss, MSE + VB (the ANT / DTR releases)
-            terms["loss"] = self.loss_weighting(terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"], t)
+            terms["loss"] = self.loss_weighting(terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"], t,
+                                                global_t=global_t)
             return terms
-        terms["weighted_mse"] = self.loss_weighting(terms["mse"], t)
+        terms["weighted_mse"] = self.loss_weighting(terms["mse"], t, global_t=global_t)
         terms["loss"] = terms["weighted_mse"] + terms["vb"] if "vb" in terms else terms["weighted_mse"]
         return terms

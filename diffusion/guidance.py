@@ -66,6 +66,16 @@ class ClassifierFreeGuidance:
         self.guidance_scale = float(guidance_scale)
         self.uncond_kwargs = uncond_kwargs
         self.guide_channels = guide_channels
+        self._uncond_by_device = {}  # uncond_kwargs moved to each device once: a copy per step would sync
+
+    def uncond_kwargs_on(self, device):
+        """uncond_kwargs with every tensor (or number) on `device`, built at the first call there."""
+        moved = self._uncond_by_device.get(device)
+        if moved is None:
+            moved = self._uncond_by_device[device] = {
+                key: torch.as_tensor(value, device=device) if torch.is_tensor(value) or isinstance(value, (int, float))
+                else value for key, value in self.uncond_kwargs.items()}
+        return moved
 
     def parameters(self):
         """The wrapped model's parameters (samplers use them to pick a device)."""
@@ -73,7 +83,7 @@ class ClassifierFreeGuidance:
 
     def __call__(self, x, t, **model_kwargs):
         n = x.shape[0]
-        kwargs = merge_cond_uncond_kwargs(model_kwargs, self.uncond_kwargs, n)
+        kwargs = merge_cond_uncond_kwargs(model_kwargs, self.uncond_kwargs_on(x.device), n)
         out = self.model(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), **kwargs)  # (2N, C_out, ...)
         cond, uncond = out[:n], out[n:]
         k = x.shape[1] if self.guide_channels == "all" else self.guide_channels

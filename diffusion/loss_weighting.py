@@ -47,8 +47,8 @@ class LossWeighting(nn.Module):
         """(N,) per-sample weight of the MSE term; 1 for vanilla."""
         return torch.ones(t.shape, dtype=torch.float64, device=t.device)
 
-    def forward(self, mse, t):
-        """Weighted per-sample loss (N,) from per-sample mse (N,) at timesteps t (N,)."""
+    def forward(self, mse, t, global_t=None):
+        """Weighted per-sample loss (N,) from per-sample mse (N,) at timesteps t (N,); global_t is for ANT-UW."""
         _check_per_sample(mse, t)
         return self.weights(t).to(mse.dtype) * mse
 
@@ -117,7 +117,7 @@ class ANTUncertaintyWeighting(LossWeighting):
 
     Per-sample losses are scaled so that their mean over the global batch is the objective:
     sample i of cluster k carries (N / n_k) * 0.5 * (exp(-s_k) loss_i / K + s_k), where n_k counts
-    the cluster's samples over all DDP ranks (summed with one all-reduce of K integers).
+    the cluster's samples in the global batch (counted from its timesteps, see forward).
     """
 
     weights_vb = True
@@ -134,19 +134,30 @@ class ANTUncertaintyWeighting(LossWeighting):
         """(N,) cluster id of each timestep, floor(t K / T)."""
         return cluster_index(t, self.num_timesteps, self.num_clusters)
 
-    def forward(self, loss, t):
-        """Per-sample share (N,) of the objective from the per-sample loss MSE + VB (N,) at timesteps t (N,)."""
+    def forward(self, loss, t, global_t=None):
+        """Per-sample share (N,) of the objective from the per-sample loss MSE + VB (N,) at timesteps t (N,).
+
+        global_t: the timesteps of the whole global batch when t is this rank's share of it. train.py draws
+        them on every rank from the same seeded generator, so each rank counts n_k itself, with no collective.
+        Without it, under DDP the counts are summed with one all-reduce of K integers (no host sync either).
+        """
         _check_per_sample(loss, t)
         k = self.cluster_index(t)
-        n_k = torch.bincount(k, minlength=self.num_clusters)  # (K,) samples per cluster, this rank
-        global_batch = torch.tensor(loss.shape[0], device=n_k.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # cluster means over the global batch, as the release's (equal-per-rank) batches give
-            dist.all_reduce(n_k)
-            dist.all_reduce(global_batch)
+        if global_t is not None:
+            n_k = self.cluster_counts(global_t)  # (K,) samples per cluster in the global batch
+        else:
+            n_k = self.cluster_counts(t)  # this rank's samples per cluster
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(n_k)  # cluster means over the global batch, as the release's batches give
+        global_batch = n_k.sum()  # N, summed on the device: nothing is read back to the host
         share = global_batch.to(loss.dtype) / n_k[k].to(loss.dtype)  # (N,) N / n_k
         s = self.log_vars.to(loss.dtype)[k]
         return share * 0.5 * (torch.exp(-s) * loss / self.num_clusters + s)
+
+    def cluster_counts(self, t):
+        """(K,) int64 number of timesteps t (N,) in each cluster; a comparison, since bincount syncs on the GPU."""
+        clusters = torch.arange(self.num_clusters, device=t.device)
+        return (self.cluster_index(t)[:, None] == clusters).sum(dim=0)  # (N, K) -> (K,)
 
     def timestep_sampler(self):
         return StratifiedTimestepSampler(self.num_timesteps, self.num_clusters)

@@ -1,8 +1,6 @@
 """Respacing: a diffusion on a subset of timesteps with the same alpha_bar there (improved DDPM Sec. 4; DDIM Sec. 4.2)."""
 
 import numpy as np
-import torch
-
 from .gaussian_diffusion import GaussianDiffusion
 
 
@@ -70,6 +68,8 @@ def space_timesteps(num_timesteps, section_counts):
 class SpacedDiffusion(GaussianDiffusion):
     """GaussianDiffusion on the kept timesteps; the model is always called with original-scale t."""
 
+    SCHEDULE_TABLES = GaussianDiffusion.SCHEDULE_TABLES + ("timestep_map_array",)
+
     def __init__(self, use_timesteps, **kwargs):
         base_betas = np.asarray(kwargs["betas"], dtype=np.float64)
         self.original_num_steps = len(base_betas)
@@ -82,8 +82,9 @@ class SpacedDiffusion(GaussianDiffusion):
         kept = base_alphas_cumprod[self.timestep_map]
         kwargs["betas"] = 1.0 - kept / np.append(1.0, kept[:-1])
         super().__init__(**kwargs)
-        self._timestep_map_tensor = torch.tensor(self.timestep_map, dtype=torch.long)
+        self.timestep_map_array = np.asarray(self.timestep_map, dtype=np.int64)
 
     def _model_timesteps(self, t):
-        # respaced index i -> original timestep s_i, so timestep embeddings and DTR masks see 0..T-1
-        return self._timestep_map_tensor.to(t.device)[t]
+        # respaced index i -> original timestep s_i, so timestep embeddings and DTR masks see 0..T-1;
+        # the map lives on t's device once, with the schedule tables
+        return self._table("timestep_map_array", t.device)[t]

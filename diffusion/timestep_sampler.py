@@ -53,6 +53,7 @@ class StratifiedTimestepSampler(UniformTimestepSampler):
         super().__init__(num_timesteps)
         self.num_clusters = num_clusters
         self.bounds = uniform_cluster_bounds(num_timesteps, num_clusters)
+        self._bounds_by_device = {}  # the bounds as a tensor, copied to each device once
 
     def cluster_counts(self, batch_size, generator=None, device="cpu"):
         """(K,) number of samples per cluster for one batch, following the rule in the class docstring."""
@@ -69,8 +70,12 @@ class StratifiedTimestepSampler(UniformTimestepSampler):
         """(batch_size,) int64 timesteps on device, stratified over clusters."""
         draw_device = _on_generator_device(device, generator)
         counts = self.cluster_counts(batch_size, generator, draw_device)
-        bounds = torch.tensor(self.bounds, dtype=torch.long, device=draw_device)
-        cluster = torch.repeat_interleave(torch.arange(self.num_clusters, device=draw_device), counts)  # (N,)
+        bounds = self._bounds_by_device.get(draw_device)
+        if bounds is None:
+            bounds = self._bounds_by_device[draw_device] = torch.tensor(self.bounds, dtype=torch.long, device=draw_device)
+        # output_size: the length is known on the host, so the GPU need not read the counts back
+        cluster = torch.repeat_interleave(torch.arange(self.num_clusters, device=draw_device), counts,
+                                          output_size=batch_size)  # (N,)
         low, width = bounds[cluster], bounds[cluster + 1] - bounds[cluster]
         u = torch.rand(batch_size, device=draw_device, generator=generator, dtype=torch.float64)
         # min() guards the u -> 1 rounding edge so t never leaves its cluster

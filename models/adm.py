@@ -198,13 +198,15 @@ class QKVAttention(nn.Module):
     def forward(self, qkv):
         n, width, length = qkv.shape
         d = width // (3 * self.num_heads)
+        # One copy to tokens-major (N, L, 3C), so q, k, v come out as (N, heads, L, D) with unit stride
+        # over D: the flash / memory-efficient kernels refuse the channels-major (D, L) transposes.
+        qkv = qkv.transpose(1, 2).contiguous()  # (N, L, 3 * C)
         if self.new_order:
-            qkv = qkv.reshape(n, 3, self.num_heads, d, length).transpose(0, 1)  # (3, N, heads, D, L)
+            q, k, v = qkv.reshape(n, length, 3, self.num_heads, d).permute(2, 0, 3, 1, 4)  # 3 x (N, heads, L, D)
         else:
-            qkv = qkv.reshape(n, self.num_heads, 3, d, length).permute(2, 0, 1, 3, 4)  # (3, N, heads, D, L)
-        q, k, v = (z.transpose(-1, -2) for z in qkv)  # (N, heads, L, D)
+            q, k, v = qkv.reshape(n, length, self.num_heads, 3, d).permute(3, 0, 2, 1, 4)  # 3 x (N, heads, L, D)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, D)
-        return out.transpose(-1, -2).reshape(n, self.num_heads * d, length)  # (N, C, L)
+        return out.permute(0, 1, 3, 2).reshape(n, self.num_heads * d, length)  # (N, C, L)
 
     def extra_repr(self):
         return f"num_heads={self.num_heads}, new_order={self.new_order}"

@@ -58,18 +58,45 @@ def validation_captions(indices, coco, global_seed):
 
 
 class PerSampleNoise:
-    """Standard Gaussian noise whose row i is drawn from sample i's own generator, call after call."""
+    """Standard Gaussian noise whose row i is drawn from sample i's own generator, call after call.
+
+    Each sample's generator lives on the CPU (the same values on any device) and draws the noise of
+    CHUNK_CALLS calls at once, as one (CHUNK_CALLS, ...) tensor; the batch's draws are stacked and sent
+    to the device in one copy (non-blocking from pinned memory on a GPU). So a sampling step reads a slice
+    that is already on the device and never waits for the host, and sample i's noise still depends only on
+    (global seed, i): the same for any batch split or world size, and after any resume (a resume restarts a
+    sample from its first call). Call j of sample i is block j % CHUNK_CALLS of the (j // CHUNK_CALLS)-th
+    draw of its generator. A counter-based scheme (noise = f(seed, i, j)) would avoid the chunk's memory
+    (CHUNK_CALLS x the batch's noise on the device) but no torch generator is counter-based on the CPU.
+    """
+
+    CHUNK_CALLS = 64  # calls drawn per generator at once: DDPM-250 needs 251 (x_T and one per step), 4 copies
 
     def __init__(self, indices, global_seed, device="cpu"):
         self.generators = [sample_generator(global_seed, i, NOISE_STREAM) for i in indices]
-        self.device = device
+        self.device = torch.device(device)
+        self.chunk, self.position, self.shape = None, 0, None
 
     def __call__(self, shape):
-        """Noise of `shape` = (N, ...), row i from generator i (drawn on CPU: same values on any device)."""
+        """Noise of `shape` = (N, ...), row i from generator i, on the device."""
         if shape[0] != len(self.generators):
             raise ValueError(f"noise batch {shape[0]} != {len(self.generators)} samples")
-        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in self.generators]).to(self.device)
+        if self.shape is not None and tuple(shape) != self.shape:
+            raise ValueError(f"noise shape {tuple(shape)} differs from the earlier calls' {self.shape}")
+        self.shape = tuple(shape)
+        if self.chunk is None or self.position == self.CHUNK_CALLS:
+            self.chunk, self.position = self._draw_chunk(tuple(shape[1:])), 0
+        noise = self.chunk[self.position]  # (N, ...), contiguous
+        self.position += 1
+        return noise
 
+    def _draw_chunk(self, sample_shape):
+        """(CHUNK_CALLS, N, ...) noise on the device: each generator's next CHUNK_CALLS draws."""
+        draws = torch.stack([torch.randn((self.CHUNK_CALLS, *sample_shape), generator=g) for g in self.generators],
+                            dim=1)  # (calls, N, ...)
+        if self.device.type == "cuda":
+            draws = draws.pin_memory()  # a pinned source lets the copy run without blocking the host
+        return draws.to(self.device, non_blocking=True)
 
 def check_sampling_flags(args):
     """UsageError for sampling flags that cannot work, before the checkpoint is read (sample.py, sample_ddp.py)."""
@@ -120,7 +147,8 @@ def null_condition(model):
     """Unconditional model kwargs for CFG: a text model's learned null caption, else the null class (official DiT)."""
     if hasattr(model, "null_context"):
         return model.null_condition(with_mask=True)  # the conditional kwargs always carry a context_mask
-    return {"y": torch.tensor(model.num_classes)}  # null class = num_classes
+    device = next(model.parameters()).device  # made on the model's device once, not copied at every step
+    return {"y": torch.full((), model.num_classes, dtype=torch.long, device=device)}  # null class = num_classes
 
 
 @torch.no_grad()

@@ -154,7 +154,10 @@ def _ant_uw_rank(rank, world_size, init_file, loss, t, out):
     w = ANTUncertaintyWeighting(create_diffusion("").alphas_cumprod, num_clusters=8)
     with torch.no_grad():
         w.log_vars.copy_(torch.linspace(-0.5, 0.5, 8))
-    value = w(loss[rank::world_size], t[rank::world_size]).mean()
+    value = w(loss[rank::world_size], t[rank::world_size]).mean()  # counts n_k with an all-reduce
+    # train.py's path: every rank holds the global batch's timesteps and counts n_k itself, no collective
+    without_collective = w(loss[rank::world_size], t[rank::world_size], global_t=t).mean()
+    torch.testing.assert_close(without_collective, value, rtol=0, atol=0)
     value.backward()
     w.all_reduce_gradients()
     dist.all_reduce(value.detach())
