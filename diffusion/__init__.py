@@ -4,6 +4,7 @@
     diffusion = create_diffusion(timestep_respacing="")             # training: all 1000 steps
     sampler = create_diffusion("250", noise_schedule="squaredcos_cap_v2")   # paper: DDPM-250, cosine
     ddim = create_diffusion("ddim50")                                # ddim_sample_loop: 50 model calls
+    fast = create_diffusion("trailing20")       # dpm_solver.dpm_solver_pp_sample_loop(fast, model, shape): 20 calls
 
 The model is always called as model(x_t, t, **model_kwargs) with ORIGINAL-scale int64 t in
 [0, diffusion_steps), also after respacing, so DTR masks are looked up by the true timestep.

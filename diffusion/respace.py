@@ -19,7 +19,8 @@ def space_timesteps(num_timesteps, section_counts):
     """Set of original timesteps to keep.
 
     section_counts: "ddimN" (N steps strided evenly from t = 0 with an integer stride < T, DDIM's uniform
-    spacing; official DiT raises for N with no such stride, "ddim1" included), an int,
+    spacing; official DiT raises for N with no such stride, "ddim1" included), "trailingN" (N steps
+    round(T - i T / N) - 1, evenly spaced down from T - 1: Lin et al. 2024's "trailing"), an int,
     a list of ints, or a comma string "10,15,20": the T steps are split into equal sections and
     section i keeps count_i steps evenly spaced from its first to its last timestep (a running
     sum of the fractional stride, rounded half to even), the same set as improved DDPM / ADM /
@@ -28,6 +29,13 @@ def space_timesteps(num_timesteps, section_counts):
     spec = section_counts
     if isinstance(section_counts, str):
         text = section_counts.strip()
+        if text.startswith("trailing"):
+            desired = _parse_count(text[len("trailing"):], spec)
+            if desired > num_timesteps:
+                raise ValueError(f"timestep_respacing {spec!r} asks for {desired} steps but the diffusion "
+                                 f"has only {num_timesteps}")
+            # consecutive values differ by T / N >= 1 before rounding, so the N timesteps are distinct
+            return {round(num_timesteps - i * num_timesteps / desired) - 1 for i in range(desired)}
         if text.startswith("ddim"):
             desired = _parse_count(text[len("ddim"):], spec)
             if desired > num_timesteps:
