@@ -78,6 +78,7 @@ from storage.checkpoint import (TrainingState, check_resume_compatible, read_tra
 from storage.resume_policy import apply_learning_rate, check_fixed_settings, dataset_identity
 from storage.rng_state import gather_rng_states, restore_rng_state
 from storage.run_folder import prune_checkpoints, resolve_run
+from storage.run_lock import RunFolderLock
 from storage.run_record import write_run_record
 from storage.training_log import LossLog, close_logger, create_logger, truncate_metrics
 
@@ -243,20 +244,22 @@ def build_loader(dataset, sampler, epoch, position, local_batch_size, num_worker
 #                          Run Folder and Checkpoints                           #
 #################################################################################
 
-def open_run(args, state, dataset, rank, world_size):
-    """(experiment dir, checkpoint resumed or None, temp files of killed saves removed): rank 0 picks the
-    folder (--resume auto: the newest checkpoint in it), every rank restores the state."""
-    located = check_on_every_rank(locate_run, args, rank)  # a folder that cannot be written stops every rank
+def open_run(args, state, dataset, rank, world_size, lock=None):
+    """(experiment dir, checkpoint resumed or None, lines for log.txt): rank 0 takes the folder (lock) and picks
+    the checkpoint (--resume auto: the newest whole one in it), every rank restores the state."""
+    located = check_on_every_rank(locate_run, args, rank, lock)  # a folder that cannot be written stops every rank
     if world_size > 1:
         dist.broadcast_object_list(located, src=0)
-    experiment_dir, resume_path, removed_temp_files = located
+    experiment_dir, resume_path, removed_temp_files, skipped = located
+    notes = [f"Removed {path}, left by a save that was killed mid-write" for path in removed_temp_files]
+    notes += [f"--resume auto: skipped {path}: {why}" for path, why in skipped]
     checkpoint = None
-    if resume_path is not None:
-        checkpoint = read_training_checkpoint(resume_path)
+    if resume_path is not None:  # rank 0 has checked it whole (resolve_run)
+        checkpoint = read_training_checkpoint(resume_path, verify_checksum=False)
         check_resume_compatible(checkpoint, resume_path, state.settings["model_config"],
                                 state.settings["diffusion_config"])
         check_fixed_settings(checkpoint, args, dataset_identity(dataset), resume_path)
-        restore_training_state(state, checkpoint)
+        restore_training_state(state, checkpoint, resume_path)
         checkpoint["path"] = resume_path
     if rank == 0:
         os.makedirs(f"{experiment_dir}/checkpoints", exist_ok=True)
@@ -264,7 +267,7 @@ def open_run(args, state, dataset, rank, world_size):
         write_run_record(experiment_dir, args, world_size, resumed_from=resume_path, step=state.step)
     if world_size > 1:
         dist.barrier()
-    return experiment_dir, checkpoint, removed_temp_files
+    return experiment_dir, checkpoint, notes
 
 
 def save(state, args, loss_log, checkpoint_dir, rank, world_size, logger):
@@ -292,13 +295,14 @@ def main(args):
     check_data_paths(args)
     rank, world_size, device = setup_distributed(args.device, args.dist_timeout)
     try:
-        with PreemptionFlag(world_size) as preemption:  # from here on, SIGTERM/SIGUSR1/SIGINT stop cleanly
-            return train(args, rank, world_size, device, preemption)
+        # from here on, SIGTERM/SIGUSR1/SIGINT stop cleanly; the run folder is this job's until it ends
+        with PreemptionFlag(world_size) as preemption, RunFolderLock() as lock:
+            return train(args, rank, world_size, device, preemption, lock)
     finally:
         cleanup_distributed()
 
 
-def train(args, rank, world_size, device, preemption=None):
+def train(args, rank, world_size, device, preemption=None, lock=None):
     """Set up (data, model, run folder, resume), then official DiT's loop: step, log, checkpoint."""
     preemption = preemption or PreemptionFlag(world_size)  # without handlers installed it never fires
     if args.global_batch_size % world_size != 0:
@@ -314,7 +318,7 @@ def train(args, rank, world_size, device, preemption=None):
     text = load_text_conditioning(args, dataset, device) if is_text_model(args.model) else None
     state, diffusion = build_training_state(args, dataset, device, text)
     model, ema = state.model, state.ema
-    experiment_dir, checkpoint, removed_temp_files = open_run(args, state, dataset, rank, world_size)
+    experiment_dir, checkpoint, notes = open_run(args, state, dataset, rank, world_size, lock)
     saved_lr = apply_learning_rate(state.opt, args.lr)  # a resumed optimizer state would restore the old lr
     checkpoint_dir = f"{experiment_dir}/checkpoints"
     logger = create_logger(experiment_dir, rank)
@@ -323,8 +327,8 @@ def train(args, rank, world_size, device, preemption=None):
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     local_batch_size = args.global_batch_size // world_size
     try:
-        for path in removed_temp_files:
-            logger.info(f"Removed {path}, left by a save that was killed mid-write")
+        for note in notes:
+            logger.info(note)
         if checkpoint is not None:
             logger.info(f"Resumed from {checkpoint['path']} at step {state.step} (epoch {state.epoch}, "
                         f"batch {state.position})")
@@ -617,14 +621,14 @@ def open_dataset(args, rank, world_size):
     return dataset
 
 
-def locate_run(args, rank):
-    """[run folder, checkpoint to resume, removed temp files] on rank 0 (storage.run_folder.resolve_run)."""
+def locate_run(args, rank, lock=None):
+    """[run folder, checkpoint to resume, removed temp files, skipped checkpoints] on rank 0 (resolve_run)."""
     if rank != 0:
-        return [None, None, []]
+        return [None, None, [], []]
     if args.resume in (None, "auto"):
         make_output_dir(args.results_dir, "--results-dir")
     try:
-        return list(resolve_run(args.results_dir, args.model.replace("/", "-"), args.exp_name, args.resume))
+        return list(resolve_run(args.results_dir, args.model.replace("/", "-"), args.exp_name, args.resume, lock))
     except OSError as error:
         raise UsageError(f"cannot prepare the run folder: {error.filename}: {error.strerror}") from None
 

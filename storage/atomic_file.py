@@ -1,16 +1,49 @@
 """Crash-safe file writes: write a temporary sibling, flush it to disk, then os.replace it over the target.
 
 A kill at any moment leaves either the old file or the new one, never half of one; every script that
-writes checkpoints, shards, reference batches or reports goes through here.
+writes checkpoints, shards, reference batches or reports goes through here. The temp file is named
+.<name>.pid<PID>@<HOST>.<random>.tmp, so that a cleanup of what killed writes left behind can tell a dead
+writer's file from a live one's (writer_is_gone).
 """
 import errno
 import json
 import os
+import re
+import socket
 import stat
 import tempfile
 
 # Failures that mean "this disk cannot take the file", reported as an OSError naming the target path.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+# .<name>.pid<PID>@<HOST>.<random>.tmp; files of older versions lack the pid@host part
+TEMP_FILE = re.compile(r"^\.(?P<target>.+?)\.(?:pid(?P<pid>\d+)@(?P<host>.+)\.)?[^.]+\.tmp$")
+
+
+def temp_prefix(path):
+    """The start of the temp file names atomic_write uses for `path` in this process."""
+    return f".{os.path.basename(path)}.pid{os.getpid()}@{socket.gethostname()}."
+
+
+def writer_is_gone(name):
+    """Whether the process that wrote temp file `name` is certainly dead: it ran on this host and its pid is
+    free. A writer on another host cannot be checked (False); a name without a writer predates them (True)."""
+    match = TEMP_FILE.match(name)
+    if match is None:
+        return False  # not one of atomic_write's temp files
+    if match.group("pid") is None:
+        return True
+    pid = int(match.group("pid"))
+    if match.group("host") != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0 checks existence only
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class _RecordingFile:
@@ -50,7 +83,7 @@ def atomic_write(path, write, mode="wb"):
     """
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        handle, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix(path), suffix=".tmp")
     except OSError as error:
         raise OSError(error.errno, error.strerror, path) from error
     try:

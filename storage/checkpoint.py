@@ -31,6 +31,8 @@ from models import ADM, DiT, ROUTING_KINDS, build_from_config, create_model, fam
 from models.vae import LATENT_DOWNSAMPLE, LATENT_SCALE, vae_name
 from storage.atomic_file import atomic_write
 from storage.authors_checkpoint import carries_release_routing_tables, load_with_omegaconf_config, release_settings
+from storage.checkpoint_integrity import integrity_problem, write_sealed
+from storage.checkpoint_kind import check_resumable, check_weights_fit
 
 
 # Official DiT's defaults, used only for files that do not say how they were trained.
@@ -84,13 +86,19 @@ def training_checkpoint(state, args, rng_states, loss_log):
 
 
 def save_checkpoint(checkpoint, path):
-    """torch.save through a temp file and os.replace: a crash never leaves a broken checkpoint."""
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    """torch.save through a temp file and os.replace: a crash never leaves a broken checkpoint. The file carries
+    a SHA-256 of its content (storage/checkpoint_integrity.py) that every reader verifies."""
+    atomic_write(path, lambda f: write_sealed(f, lambda sealed: torch.save(checkpoint, sealed)))
 
 
-def read_training_checkpoint(path):
-    """A train.py checkpoint as saved (weights_only: no code runs on load); one-line UsageError if unreadable."""
-    return read_checkpoint(path)
+def read_training_checkpoint(path, verify_checksum=True):
+    """A train.py checkpoint as saved (weights_only: no code runs on load); one-line UsageError if unreadable.
+
+    verify_checksum=False where this process has just verified the file (train.py: rank 0 picks and checks it).
+    A readable file of another kind (official DiT's, a state_dict, ...) is a UsageError saying what it is."""
+    checkpoint = read_checkpoint(path, verify_checksum)
+    check_resumable(checkpoint, path)
+    return checkpoint
 
 
 def check_resume_compatible(checkpoint, path, model_config, diffusion_config):
@@ -105,8 +113,10 @@ def check_resume_compatible(checkpoint, path, model_config, diffusion_config):
                              f"({'; '.join(diff)})")
 
 
-def restore_training_state(state, checkpoint):
+def restore_training_state(state, checkpoint, path="the checkpoint"):
     """Load weights, optimiser, loss weighting, scaler and the position in the data into state."""
+    for which in ("model", "ema"):  # a tensor too many or too few: one line, not load_state_dict's report
+        check_weights_fit(checkpoint[which], state.model.state_dict(), path, which)
     state.model.load_state_dict(checkpoint["model"])
     state.ema.load_state_dict(checkpoint["ema"])
     state.opt.load_state_dict(checkpoint["opt"])
@@ -135,15 +145,16 @@ class SamplingSettings:
     timestep_range: tuple = None    # (LO, HI) of an expert trained with --timestep-range (Table 6), else None
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, verify_checksum=True):
     """torch.load(path, weights_only=True) on CPU, or a UsageError saying in one line why the file cannot be read.
 
     Used by every loader (sample.py, sample_ddp.py, train.py --resume). Besides tensors and plain containers
     it admits argparse.Namespace (official DiT) and OmegaConf configs (the DTR release) as inert data.
+    A checkpoint that carries a checksum (ours) must match it; see storage/checkpoint_integrity.py.
     """
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
-    problem = _unreadable_reason(path)
+    problem = integrity_problem(path, verify_checksum)
     if problem is not None:
         raise UsageError(f"cannot read checkpoint {path}: {problem}")
     try:
@@ -156,24 +167,6 @@ def read_checkpoint(path):
     except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"cannot read checkpoint {path}: truncated or damaged ({first_line})") from None
-
-
-def _unreadable_reason(path):
-    """Why `path` cannot be a torch.save file, from its size, first bytes and zip directory; None if it may be one.
-
-    torch.save writes a zip archive whose directory sits at its end (zipfile.is_zipfile reads only that end:
-    cheap for a 7 GB file); files of torch < 1.6 are a pickle starting with protocol 2's b'\\x80\\x02'.
-    """
-    size = os.path.getsize(path)
-    if size == 0:
-        return "empty (0 bytes)"
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head == b"PK\x03\x04":
-        return None if zipfile.is_zipfile(path) else f"truncated ({size:,} bytes, the end of the archive is missing)"
-    if head[:2] == b"\x80\x02":
-        return None  # the legacy format: torch.load says whether it is complete
-    return "not a checkpoint file (neither a torch.save archive nor a legacy torch pickle)"
 
 
 def _is_state_dict(obj):

@@ -4,14 +4,18 @@
 DiT's <results-dir>/NNN-<model>, numbered by an os.mkdir that fails if the name is taken, so two jobs
 started together never share a folder. Checkpoints are <run>/checkpoints/<step:07d>.pt, written through
 storage.atomic_file, so a file with that name is always complete; a kill during a save leaves a hidden
-.<step:07d>.pt.*.tmp sibling, removed at the next start.
+.<step:07d>.pt.*.tmp sibling, removed at the next start. A run folder is held by one job at a time
+(storage/run_lock.py). --resume auto continues the newest checkpoint that is whole and matches its checksum
+(storage/checkpoint_integrity.py), saying which newer ones it skipped and why.
 """
 import os
 import re
-import zipfile
+
+from launch.cli import UsageError
+from storage.atomic_file import TEMP_FILE, writer_is_gone
+from storage.checkpoint_integrity import integrity_problem
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")  # <step:07d>.pt (more digits past 9,999,999 steps)
-STALE_TEMP = re.compile(r"^\..+\.tmp$")            # atomic_write's temp files: .<name>.<random>.tmp
 
 
 def create_numbered_folder(results_dir, label):
@@ -48,28 +52,44 @@ def checkpoint_steps(checkpoint_dir):
     return found
 
 
-def newest_checkpoint(checkpoint_dir):
-    """Path of the newest readable checkpoint, or None; a file cut short (not a whole zip) is skipped.
+def newest_readable_checkpoint(checkpoint_dir):
+    """(path of the newest whole checkpoint or None, [(path, why unreadable)] of the newer ones passed over).
 
-    torch.save writes a zip archive whose directory sits at its end, so a truncated or empty file fails
-    zipfile.is_zipfile, which reads only that end: cheap even for a 7 GB checkpoint.
+    A file cut short or damaged (its checksum does not match) is passed over for the next older one. Each
+    candidate is hashed in full (storage/checkpoint_integrity.py), newest first, until one is whole.
     """
+    skipped = []
     for step, path in sorted(checkpoint_steps(checkpoint_dir).items(), reverse=True):
-        if zipfile.is_zipfile(path):
-            return path
-    return None
+        problem = integrity_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
 
 
-def remove_stale_temp_files(*folders):
-    """Delete the hidden temp files that saves killed mid-write left behind; returns their paths."""
+def newest_checkpoint(checkpoint_dir):
+    """Path of the newest readable checkpoint, or None (newest_readable_checkpoint without the skipped list)."""
+    return newest_readable_checkpoint(checkpoint_dir)[0]
+
+
+def remove_stale_temp_files(*folders, held=False):
+    """Delete the hidden temp files that saves killed mid-write left behind; returns their paths.
+
+    held: the caller holds these folders (storage/run_lock.py), so no other job writes there and every temp
+    file is stale; otherwise only the files of writers that are certainly dead (atomic_file.writer_is_gone).
+    """
     removed = []
     for folder in folders:
         if not os.path.isdir(folder):
             continue
         for name in sorted(os.listdir(folder)):
-            if STALE_TEMP.match(name) and os.path.isfile(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
-                removed.append(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            if TEMP_FILE.match(name) and (held or writer_is_gone(name)) and os.path.isfile(path):
+                try:
+                    os.remove(path)
+                except FileNotFoundError:  # its writer renamed or removed it after all
+                    continue
+                removed.append(path)
     return removed
 
 
@@ -88,18 +108,33 @@ def prune_checkpoints(checkpoint_dir, keep_last, keep_every=None):
     return removed
 
 
-def resolve_run(results_dir, label, exp_name=None, resume=None):
-    """(run folder, checkpoint to resume or None, removed temp files) for --exp-name/--resume; rank 0 only.
+def resolve_run(results_dir, label, exp_name=None, resume=None, lock=None):
+    """(run folder, checkpoint to resume or None, removed temp files, skipped checkpoints) for --exp-name and
+    --resume; rank 0 only.
 
-    resume=None starts fresh; a path continues that checkpoint in its own run folder; "auto" continues
-    the newest complete checkpoint of <results_dir>/<exp_name>, or starts fresh there if it has none.
-    Hidden temp files of saves killed mid-write are removed from the folder first.
+    resume=None starts fresh; a path continues that checkpoint in its own run folder (it must be whole);
+    "auto" continues the newest whole checkpoint of <results_dir>/<exp_name>, or starts fresh there if the
+    folder has no checkpoint at all. Skipped: [(path, why)] of newer checkpoints --resume auto could not read.
+    lock (a storage.run_lock.RunFolderLock) takes the folder first; then the temp files of saves killed
+    mid-write are removed. A UsageError names a folder held by another job, a --resume checkpoint that is not
+    whole, and (--resume auto) a folder whose checkpoints are all unreadable.
     """
     if resume is not None and resume != "auto":
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
     else:
         run_dir = run_folder(results_dir, label, exp_name)
-    removed = remove_stale_temp_files(run_dir, os.path.join(run_dir, "checkpoints"))
-    if resume == "auto":
-        return run_dir, newest_checkpoint(os.path.join(run_dir, "checkpoints")), removed
-    return run_dir, resume, removed
+    if lock is not None:
+        lock.acquire(run_dir)
+    removed = remove_stale_temp_files(run_dir, os.path.join(run_dir, "checkpoints"), held=lock is not None)
+    if resume != "auto":
+        problem = integrity_problem(resume) if resume is not None and os.path.isfile(resume) else None
+        if problem is not None:
+            raise UsageError(f"cannot read checkpoint {resume}: {problem}")
+        return run_dir, resume, removed, []
+    checkpoint_dir = os.path.join(run_dir, "checkpoints")
+    path, skipped = newest_readable_checkpoint(checkpoint_dir)
+    if path is None and skipped:
+        found = "; ".join(f"{os.path.basename(p)} ({why})" for p, why in skipped)
+        raise UsageError(f"--resume auto: no readable checkpoint in {checkpoint_dir}, found only {found}; "
+                         f"restore a good copy, or move them away to start over from step 0")
+    return run_dir, path, removed, skipped

@@ -1,4 +1,5 @@
 """train.py end to end on a tiny DiT (hidden 32, depth 2, 8x8 inputs): checkpoints, exact resume, DDP, errors."""
+import argparse
 import glob
 import json
 import io
@@ -176,6 +177,7 @@ def test_resume_mid_epoch_matches_uninterrupted_bitwise(tmp_path, images):
     common = ["--data-path", images, "--ckpt-every", 100, "--loss-weighting", "ant-uw", "--ema-decay", "0.9"]
     straight = run(*common, "--results-dir", tmp_path / "a", "--max-steps", 8)
     half = run(*common, "--results-dir", tmp_path / "b", "--max-steps", 3)
+    unseal(f"{half}/checkpoints/0000003.pt")  # as main wrote checkpoints before checksums: resumed as before
     resumed = run(*common, "--results-dir", tmp_path / "b", "--max-steps", 8,
                   "--resume", f"{half}/checkpoints/0000003.pt")
     assert resumed == half  # continues in the same experiment folder
@@ -186,6 +188,14 @@ def test_resume_mid_epoch_matches_uninterrupted_bitwise(tmp_path, images):
     assert a["data_state"] == b["data_state"] == {"epoch": 1, "position": 2, "sampler_seed": 0, "global_batch_size": 4}
     steps = [json.loads(line)["step"] for line in open(f"{resumed}/metrics.jsonl")]
     assert steps == list(range(1, 9))
+
+
+def unseal(path):
+    """Drop the checksum from a checkpoint's zip comment: the file train.py wrote before checksums existed."""
+    from storage.checkpoint_integrity import COMMENT_SIZE, stored_checksum
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-COMMENT_SIZE - 2] + b"\0\0")
+    assert stored_checksum(path) is None and load(path)["step"] >= 0
 
 
 def test_resume_refuses_a_checkpoint_of_another_routing_or_model(tmp_path, images):
@@ -352,18 +362,63 @@ def test_a_disk_that_refuses_the_checkpoint_is_one_line_naming_it(tmp_path, imag
     assert ckpts(f"{tmp_path}/000-DiT-S-2") == []  # no checkpoint and no temp file
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
-def test_resume_from_a_corrupt_checkpoint_is_one_line_naming_it(tmp_path, images, damage):
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "middle"])
+def test_resume_from_a_corrupt_checkpoint_is_one_line_naming_it(tmp_path, images, damage, capsys, monkeypatch):
     exp = run("--data-path", images, "--results-dir", tmp_path, "--max-steps", 1)
     path = f"{exp}/checkpoints/0000001.pt"
     whole = open(path, "rb").read()
-    damaged = {"empty": b"", "truncated": whole[: len(whole) // 2], "garbage": b"<html>not found</html>" * 100}[damage]
+    middle = bytearray(whole)  # 4 KiB XORed in the middle: zip and torch.load check only the end
+    middle[len(whole) // 2 - 2048:len(whole) // 2 + 2048] = bytes(b ^ 0x5A for b in middle[len(whole) // 2 - 2048:
+                                                                                               len(whole) // 2 + 2048])
+    damaged = {"empty": b"", "truncated": whole[: len(whole) // 2], "garbage": b"<html>not found</html>" * 100,
+               "middle": bytes(middle)}[damage]
     with open(path, "wb") as f:
         f.write(damaged)
     reason = {"empty": r"empty \(0 bytes\)", "truncated": r"truncated \([\d,]+ bytes, the end of the archive is missing\)",
-              "garbage": r"not a checkpoint file"}[damage]
+              "garbage": r"not a checkpoint file",
+              "middle": r"damaged \(its content does not match the SHA-256 checksum stored in it\)"}[damage]
     with pytest.raises(UsageError, match=rf"^cannot read checkpoint {path}: {reason}"):
         run("--data-path", images, "--results-dir", tmp_path, "--max-steps", 2, "--resume", path)
+    assert ckpts(exp) == ["0000001.pt"]
+    if damage == "middle":  # through the command lines: train.py --resume PATH and the sampler
+        line = (f"cannot read checkpoint {path}: damaged (its content does not match the SHA-256 checksum stored "
+                "in it)\n")
+        code, err = train_in_process(capsys, monkeypatch, "--data-path", images, "--max-steps", 2, "--resume", path)
+        assert (code, err) == (2, f"train.py: error: {line}")
+        import sample
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", path, "--out", str(tmp_path / "grid.png")])
+        with pytest.raises(SystemExit) as stop:
+            run_command(sample.main, sample.build_parser())
+        assert (stop.value.code, capsys.readouterr().err) == (2, f"sample.py: error: {line}")
+        assert ckpts(exp) == ["0000001.pt"] and not os.path.exists(tmp_path / "grid.png")
+
+
+def test_resume_of_a_file_that_is_not_a_train_checkpoint_says_what_it_is_and_lacks(tmp_path, images, capsys,
+                                                                                    monkeypatch):
+    exp = run("--data-path", images, "--results-dir", tmp_path, "--max-steps", 1)
+    ckpt = load(f"{exp}/checkpoints/0000001.pt")
+    one_weight_less = {**ckpt, "model": {k: v for k, v in ckpt["model"].items() if k != "pos_embed"}}
+    files = {  # name: (content, what the line says after "cannot resume PATH: ")
+        "foo": ({"foo": 1}, "it is a dict of 1 keys (foo), not a checkpoint of train.py; resume needs a checkpoint "
+                            "written by train.py; to sample from it, give it to sample.py --ckpt"),
+        "raw": (ckpt["ema"], f"it is a raw state_dict ({len(ckpt['ema'])} tensors: weights only, like the released "
+                             "DiT-XL-2-256x256.pt); resume needs a checkpoint written by train.py"),
+        "official": ({"model": ckpt["model"], "ema": ckpt["ema"], "opt": ckpt["opt"], "args": argparse.Namespace(
+            model="DiT-S/2")}, "it is an official DiT training checkpoint (args, ema, model, opt; no model_config); "
+                               "resume needs a checkpoint written by train.py"),
+        "ema_only": ({"ema": ckpt["ema"]}, "it is a file of weights only (ema); resume needs a checkpoint written by "
+                                           "train.py"),
+        "no_opt": ({k: v for k, v in ckpt.items() if k != "opt"}, "it is a train.py checkpoint without opt (edited "
+                                                                  "or written by other code), so the run cannot "
+                                                                  "continue exactly"),
+        "no_weight": (one_weight_less, "its model weights do not fit the model its model_config describes: lacks "
+                                       "(1): pos_embed"),
+    }
+    for name, (content, says) in files.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(content, path)
+        code, err = train_in_process(capsys, monkeypatch, "--data-path", images, "--max-steps", 2, "--resume", path)
+        assert code == 2 and err.startswith(f"train.py: error: cannot resume {path}: {says}") and err.count("\n") == 1, err
     assert ckpts(exp) == ["0000001.pt"]
 
 
