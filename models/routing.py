@@ -196,6 +196,17 @@ class TaskRouter(nn.Module):
         """
         return self.masks[t.long()].unsqueeze(1).to(dtype)
 
+    def adopt_table(self, table):
+        """Route with a stored 0/1 table (T, C) instead of the one built from the settings: the authors' R-TR
+        checkpoints drew each block's masks unseeded, so only the file knows them. ValueError if it cannot be one."""
+        if table.numel() != self.masks.numel():
+            raise ValueError(f"a routing table of shape {tuple(table.shape)} does not fit this block's "
+                             f"{tuple(self.masks.shape)} (tasks x channels)")
+        table = table.reshape(self.masks.shape)
+        if not ((table == 0) | (table == 1)).all():
+            raise ValueError("a routing table must hold only 0 and 1")
+        self.masks = table.to(device=self.masks.device, dtype=torch.bool)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         key = prefix + "_unit_mapping"
@@ -206,8 +217,8 @@ class TaskRouter(nn.Module):
                 raise ValueError(
                     f"checkpoint routing masks {key} (shape {tuple(stored.shape)}) differ from the "
                     f"configured routing={self.kind!r} alpha={self.alpha} beta={self.beta} "
-                    f"seed={self.seed} table of shape {tuple(self.masks.shape)}; build the model with "
-                    f"the checkpoint's routing settings")
+                    f"seed={self.seed} table of shape {tuple(self.masks.shape)}: the checkpoint was trained with "
+                    f"other routing settings")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

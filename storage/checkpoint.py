@@ -30,7 +30,8 @@ from launch.model_args import add_model_arg
 from models import ADM, DiT, ROUTING_KINDS, build_from_config, create_model, family_of
 from models.vae import LATENT_DOWNSAMPLE, LATENT_SCALE, vae_name
 from storage.atomic_file import atomic_write
-from storage.authors_checkpoint import carries_release_routing_tables, load_with_omegaconf_config, release_settings
+from storage.authors_checkpoint import (adopt_release_random_tables, carries_release_routing_tables,
+                                        load_with_omegaconf_config, release_settings)
 from storage.checkpoint_integrity import integrity_problem, write_sealed
 from storage.checkpoint_kind import check_resumable, check_weights_fit
 
@@ -324,8 +325,13 @@ def load_checkpoint(path, flags=None, use_model_weights=False):
     else:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UsageError(f"{path}: not a DiT or ADM checkpoint (top level: {keys})")
+    adopt_release_random_tables(model, state_dict)  # the release's R-TR: its unseeded masks are in the file
     check_state_dict_fits(model, state_dict, settings.model_name)
-    model.load_state_dict(state_dict, strict=True)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except ValueError as error:  # stored DTR masks that the routing flags / settings do not rebuild
+        raise UsageError(f"cannot load {path}: {error}; give the --routing / --alpha / --beta it was trained with "
+                         f"(--routing random takes the masks stored in the file)") from None
     return model.eval(), settings
 
 

@@ -8,9 +8,13 @@ import sys
 import pytest
 import torch
 
+import sample
+from command_line import run_cli
 from models import create_model
+from models.routing import build_masks
 from storage.authors_checkpoint import load_with_omegaconf_config, release_settings
 from storage.checkpoint import load_checkpoint
+from test_extract_features import tiny_vae  # noqa: F401  (a local 2-level AutoencoderKL)
 
 omegaconf = pytest.importorskip("omegaconf")  # only to WRITE a genuine file; reading needs no omegaconf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,3 +141,60 @@ def test_release_settings_map_the_release_names():
 def test_plain_files_still_load_through_the_same_reader(tmp_path):
     torch.save({"w": torch.arange(3.0)}, tmp_path / "plain.pt")
     assert torch.equal(load_with_omegaconf_config(tmp_path / "plain.pt")["w"], torch.arange(3.0))
+
+
+SMALL = dict(hidden_size=64, depth=2, num_heads=2)  # DiT-S/8 made small: --model-arg on the command line
+SMALL_ARGS = [a for k, v in SMALL.items() for a in ("--model-arg", f"{k}={v}")]
+
+
+@pytest.fixture(scope="module")
+def release_rtr_file(tmp_path_factory):
+    """A release R-TR file: masks drawn unseeded there (here: a seed our loader does not know), stored per block."""
+    torch.manual_seed(0)
+    model = create_model("DiT-S/8", input_size=8, num_classes=10, routing="random", beta=0.6, routing_seed=1234,
+                         **SMALL)
+    for p in model.final_layer.parameters():
+        p.data.normal_(0, 0.02)
+    state = release_state_dict(model)
+    path = tmp_path_factory.mktemp("release_rtr") / "0400000.pt"
+    torch.save({"model": state, "ema": state, "opt": {"state": {}, "param_groups": []},
+                "config": release_config(init_method="random")}, path)
+    return str(path), model.eval(), state
+
+
+def test_release_rtr_file_samples_with_the_masks_it_stores(release_rtr_file, tmp_path, tiny_vae):
+    path, source, state = release_rtr_file
+    model, _ = load_checkpoint(path, {"model_args": SMALL})
+    assert model.routing_config()["routing"] == "random"
+    for i, block in enumerate(model.blocks):  # the file's tables, not the ones routing_seed 0 would build
+        assert torch.equal(block.routing.masks, state[f"blocks.{i}.routing._unit_mapping"].bool())
+    assert not torch.equal(model.blocks[0].routing.masks, build_masks("random", 1000, 64, beta=0.6, seed=0).bool())
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 990]), torch.tensor([1, 7])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), source(x, t, y))
+    # the command a user runs: it printed a ValueError traceback before
+    code, stderr = run_cli(sample.main, sample.build_parser(), [
+        "--ckpt", path, "--vae", tiny_vae[0], "--num-sampling-steps", "2", "--class-labels", "3",
+        "--samples-per-class", "1", "--out", tmp_path / "grid.png", *SMALL_ARGS], "sample.py")
+    assert code == 0 and "error" not in stderr and os.path.isfile(tmp_path / "grid.png")
+
+
+def test_our_seeded_rtr_and_stored_tables_of_other_routing(release_rtr_file, tmp_path):
+    _, _, state = release_rtr_file
+    ours = create_model("DiT-S/8", input_size=8, num_classes=10, routing="random", beta=0.6, routing_seed=5, **SMALL)
+    ours.load_state_dict(create_model("DiT-S/8", input_size=8, num_classes=10, routing="random", beta=0.6,
+                                      routing_seed=5, **SMALL).state_dict())  # our files store no tables: seeded
+    assert torch.equal(ours.blocks[1].routing.masks, build_masks("random", 1000, 64, beta=0.6, seed=6).bool())
+    # the release's R-TR tables as a raw state_dict default to DTR, which they are not: one line, and a way out
+    torch.save(state, tmp_path / "raw.pt")
+    argv = ["--ckpt", tmp_path / "raw.pt", "--model", "DiT-S/8", "--image-size", "64", "--num-classes", "10",
+            "--beta", "0.6", "--out", tmp_path / "grid.png", *SMALL_ARGS]
+    code, stderr = run_cli(sample.main, sample.build_parser(), argv, "sample.py")
+    assert code == 2 and len(stderr.splitlines()) == 1
+    assert stderr.startswith(f"sample.py: error: cannot load {tmp_path / 'raw.pt'}: checkpoint routing masks "
+                             "blocks.0.routing._unit_mapping")
+    assert stderr.endswith("(--routing random takes the masks stored in the file)\n")
+    model, _ = load_checkpoint(str(tmp_path / "raw.pt"), {"model": "DiT-S/8", "image_size": 64, "num_classes": 10,
+                                                          "beta": 0.6, "routing": "random", "model_args": SMALL})
+    assert torch.equal(model.blocks[0].routing.masks, state["blocks.0.routing._unit_mapping"].bool())
+    assert not os.path.exists(tmp_path / "grid.png")
