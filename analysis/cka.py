@@ -4,6 +4,9 @@
         --data-path /usr/share/datasets/fashion-mnist --out cka/          # pixel models: images
     python -m analysis.cka --ckpt ... --feature-path features/imagenet256 --out cka/   # latent models
 
+Blocks: DiT's transformer blocks, or ADM's ResBlocks and attention blocks in forward order (where DTR routes).
+Latent inputs are the VAE posterior means of extract_features.py's folders (either --latent-stat).
+
 A fixed, seeded set of inputs x_0 is noised to x_t = q(x_t | x_0) with one fixed noise for every t, run through
 the (EMA) model at each timestep of a grid, and every block's output tokens are kept. For each block, the
 timestep x timestep matrix of linear CKA between those features is written as a heatmap (<out>/cka.png) and as
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 
 from diffusion import create_diffusion
-from imagedata import build_dataset
+from imagedata import LatentFeatureDataset, build_dataset
 from launch.cli import UsageError, run_command
 from storage.atomic_file import atomic_write
 from storage.checkpoint import load_checkpoint
@@ -69,24 +72,41 @@ def fixed_inputs(dataset, num_images, seed):
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
 
 
+def routed_blocks(model):
+    """The blocks whose outputs are compared, in forward order: DiT's transformer blocks; ADM's ResBlocks and
+    attention blocks (DTR routes each after its first GroupNorm, App. A.1)."""
+    if hasattr(model, "blocks"):
+        return list(model.blocks)
+    from models.adm import AttentionBlock, ResBlock  # ADM only
+    return [module for module in model.modules() if isinstance(module, (ResBlock, AttentionBlock))]
+
+
+def tokens(output):
+    """A block's output as (tokens, channels): DiT's (B, L, D) -> (B * L, D); ADM's (B, C, H, W) -> (B * H * W, C)."""
+    if output.dim() == 4:
+        output = output.permute(0, 2, 3, 1)
+    return output.reshape(-1, output.shape[-1])
+
+
 @torch.no_grad()
 def block_features(model, diffusion, x0, y, timesteps, noise, batch_size=64):
-    """{t: [(N * L, D) output tokens of block b for b in blocks]}, from forward hooks on model.blocks."""
+    """{t: [(N * L, D) output tokens of block b for b in routed_blocks(model)]}, from forward hooks."""
+    blocks = routed_blocks(model)
     captured = []
     hooks = [block.register_forward_hook(lambda module, inputs, output: captured.append(output))
-             for block in model.blocks]
+             for block in blocks]
     features = {}
     try:
         for t in timesteps:
-            per_block = [[] for _ in model.blocks]
+            per_block = [[] for _ in blocks]
             for start in range(0, x0.shape[0], batch_size):
                 x = x0[start:start + batch_size]
                 tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
                 x_t = diffusion.q_sample(x, tt, noise=noise[start:start + batch_size])
                 captured.clear()
                 model(x_t, tt, y[start:start + batch_size])
-                for b, output in enumerate(captured):  # (B, L, D) per block
-                    per_block[b].append(output.reshape(-1, output.shape[-1]).float().cpu())
+                for b, output in enumerate(captured):  # (B, L, D) or (B, C, H, W) per block
+                    per_block[b].append(tokens(output).float().cpu())
             features[int(t)] = [torch.cat(chunks) for chunks in per_block]  # (N * L, D)
     finally:
         for hook in hooks:
@@ -98,7 +118,7 @@ def timestep_cka(model, diffusion, x0, y, timesteps, seed=0, batch_size=64):
     """(blocks, G, G) linear CKA between each block's outputs at every pair of timesteps (Fig. 6)."""
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
     features = block_features(model, diffusion, x0, y, timesteps, noise, batch_size)
-    return np.stack([cka_matrix([features[int(t)][b] for t in timesteps]) for b in range(len(model.blocks))])
+    return np.stack([cka_matrix([features[int(t)][b] for t in timesteps]) for b in range(len(features[int(timesteps[0])]))])
 
 
 def plot_cka(cka, timesteps, out_path, title, columns=4):
@@ -132,6 +152,18 @@ def plot_cka(cka, timesteps, out_path, title, columns=4):
 #                                    Command                                    #
 #################################################################################
 
+def open_inputs(args, image_size):
+    """The dataset of x_0: images, or latents whose posterior MEAN is x_0 (a fixed input per image, as CKA needs;
+    training draws mean + std * eps instead, which would add a second noise on top of q(x_t | x_0)'s)."""
+    try:
+        if args.feature_path is not None:
+            return LatentFeatureDataset(args.feature_path, flip=False, seed=args.seed, latent_stat="mean")
+        return build_dataset(data_path=args.data_path, image_size=image_size, flip=False, seed=args.seed)
+    except (OSError, ValueError) as error:  # no manifest, unreadable shards, no images
+        flag = "--feature-path" if args.feature_path is not None else "--data-path"
+        raise UsageError(f"{flag}: {error}") from None
+
+
 def main(args):
     """Load a checkpoint, compute per-block timestep CKA on fixed inputs, write cka.png and cka.npz."""
     if args.num_images < 2 or args.num_timesteps < 2:
@@ -147,9 +179,10 @@ def main(args):
     diffusion = create_diffusion(**{**settings.diffusion_config, "timestep_respacing": ""})
     num_tasks = diffusion.num_timesteps
     timesteps = np.unique(np.round(np.linspace(0, num_tasks - 1, args.num_timesteps)).astype(int))
-    dataset = build_dataset(data_path=args.data_path, feature_path=args.feature_path,
-                            image_size=settings.image_size, flip=False, seed=args.seed)
-    x0, y = fixed_inputs(dataset, args.num_images, args.seed)
+    if hasattr(model, "context_dim"):
+        raise UsageError(f"--ckpt {args.ckpt} is a text-to-image model; analysis.cka takes class-conditional or "
+                         "unconditional DiT and ADM checkpoints")
+    x0, y = fixed_inputs(open_inputs(args, settings.image_size), args.num_images, args.seed)
     expected = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
     if tuple(x0.shape[1:]) != expected:
         raise UsageError(f"the data gives inputs {tuple(x0.shape[1:])}, the model takes {expected}")
@@ -169,9 +202,10 @@ def main(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ckpt", type=str, required=True, help="a train.py checkpoint (EMA weights)")
+    parser.add_argument("--ckpt", type=str, required=True, help="a DiT or ADM checkpoint (EMA weights)")
     parser.add_argument("--data-path", type=str, default=None, help="images (pixel-space models)")
-    parser.add_argument("--feature-path", type=str, default=None, help="extract_features.py latents")
+    parser.add_argument("--feature-path", type=str, default=None,
+                        help="extract_features.py latents (their posterior means are x_0)")
     parser.add_argument("--out", type=str, default="cka")
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--num-timesteps", type=int, default=10, help="evenly spaced over [0, T - 1]")

@@ -5,8 +5,11 @@ import torch
 
 from analysis import cka
 from analysis.cka import linear_cka
+from command_line import run_cli
 from diffusion import create_diffusion
-from models import DiT
+from imagedata.latents import write_manifest, write_shard
+from models import ADM, DiT
+from models.routing import TaskRouter
 
 # float64 throughout: CKA of n <= 2000 rows agrees with an independent float64 formula to ~1e-12; 1e-9 leaves room.
 TOL = 1e-9
@@ -102,3 +105,53 @@ def test_timestep_cka_hooks_every_block_and_removes_its_hooks():
             x = block(x, c, t)
     torch.testing.assert_close(feats[1], x.reshape(-1, 32))
     assert cka.cka_matrix([feats[0], feats[0]])[0, 1] == pytest.approx(1.0)
+
+
+def posterior_latents(path, n=6):
+    """An extract_features.py folder with the default --latent-stat posterior: (n, 2, 4, 8, 8) means and stds."""
+    path.mkdir()
+    g = np.random.default_rng(0)
+    means, stds = g.standard_normal((n, 2, 4, 8, 8)), 0.1 + g.random((n, 2, 4, 8, 8))
+    write_shard(str(path), 0, means, np.arange(n) % 3, {"start": 0, "stop": n}, stds=stds)
+    write_manifest(str(path), 1, latent_stat="posterior", vae="ema", latent_scale=0.18215, latent_shape=[4, 8, 8],
+                   image_size=64, num_classes=3, shard_size=n)
+    return means[:, 0]  # the unflipped means (n, 4, 8, 8)
+
+
+def save_latent_checkpoint(path, model, name):
+    """A train.py-format checkpoint of a model on 8x8x4 latents of 64 px images."""
+    for p in model.parameters():  # random weights everywhere (zero-initialised outputs would hide the blocks)
+        p.data.normal_(0, 0.1)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "args": {},
+                "model_config": {"model": name, **model.config}, "vae": "ema", "image_size": 64,
+                "diffusion_config": {"noise_schedule": "linear", "learn_sigma": True}, "latent_scale": 0.18215}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", ["DiT", "ADM"])
+def test_command_line_reads_posterior_latent_folders_and_adm_blocks(tmp_path, family):
+    pytest.importorskip("matplotlib")
+    means = posterior_latents(tmp_path / "features")
+    torch.manual_seed(0)
+    if family == "DiT":
+        model, name = DiT(input_size=8, patch_size=4, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                          num_classes=3, routing="dtr"), "DiT-S/4"
+    else:
+        model, name = ADM(input_size=8, in_channels=4, model_channels=32, num_res_blocks=1, channel_mult=(1, 2),
+                          attention_resolutions=(4,), num_head_channels=16, num_classes=3, routing="dtr"), "ADM-ImageNet64"
+    ckpt = save_latent_checkpoint(tmp_path / "model.pt", model.eval(), name)
+    code, stderr = run_cli(cka.main, cka.build_parser(), ["--ckpt", ckpt, "--feature-path", tmp_path / "features",
+                           "--num-images", 6, "--num-timesteps", 3, "--out", tmp_path / "cka"], "cka.py")
+    assert code == 0 and stderr == ""
+    with np.load(tmp_path / "cka" / "cka.npz") as f:
+        result, timesteps = f["cka"], f["timesteps"]
+    blocks = cka.routed_blocks(model)
+    # ADM: every ResBlock and attention block (the up/down-sampling ResBlocks included): one per DTR router
+    assert len(blocks) == sum(isinstance(m, TaskRouter) for m in model.modules()) == (2 if family == "DiT" else 14)
+    assert result.shape == (len(blocks), 3, 3)
+    # x_0 is the posterior mean of each image: the same numbers as CKA computed directly on the means
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    x0, y = torch.from_numpy(means).float()[order], torch.from_numpy(np.arange(6) % 3)[order]
+    expected = cka.timestep_cka(model, create_diffusion("", noise_schedule="linear"), x0, y, timesteps, seed=0)
+    np.testing.assert_allclose(result, expected, rtol=0, atol=1e-12)
+    assert 0 < result.min() < 0.999  # distant timesteps: not the identity map of a zero-initialised block
