@@ -23,7 +23,7 @@ from launch.cli import UsageError, finite_float, make_output_dir, run_command
 from storage.atomic_file import atomic_write
 from storage.checkpoint import add_checkpoint_arguments
 from sampling.captioned_grid import captioned_grid
-from sampling.seeded import (check_sampling_flags, generate, load_for_sampling, load_text_conditioning,
+from sampling.seeded import (SAMPLERS, check_sampling_flags, generate, load_for_sampling, load_text_conditioning,
                              parse_guide_channels, to_uint8)
 
 
@@ -114,7 +114,8 @@ def main(args):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_checkpoint_arguments(parser)
-    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
+    parser.add_argument("--sampler", type=str, choices=SAMPLERS, default="ddpm",
+                        help="ddpm: the paper's protocol; dpm-solver++ (2M) tracks FID at 20-25 steps")
     parser.add_argument("--num-sampling-steps", type=int, default=250)
     parser.add_argument("--cfg-scale", type=finite_float, default=None,
                         help="default 4.0 for conditional models (official grid), 1 for unconditional; >= 0")

@@ -37,8 +37,8 @@ from storage.atomic_file import atomic_write
 from storage.checkpoint import add_checkpoint_arguments
 from launch.cli import UsageError, check_on_every_rank, finite_float, make_output_dir, run_command
 from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
-from sampling.seeded import (check_sampling_flags, class_labels, generate, load_for_sampling, load_text_conditioning,
-                             parse_guide_channels, to_uint8, validation_captions)
+from sampling.seeded import (SAMPLERS, check_sampling_flags, class_labels, generate, load_for_sampling,
+                             load_text_conditioning, parse_guide_channels, to_uint8, validation_captions)
 from sampling.work_split import missing_intervals, rank_shards
 from storage.run_folder import remove_stale_temp_files
 
@@ -304,7 +304,8 @@ def build_parser():
     parser.add_argument("--sample-dir", type=str, default="samples")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
+    parser.add_argument("--sampler", type=str, choices=SAMPLERS, default="ddpm",
+                        help="ddpm: the paper's protocol; dpm-solver++ (2M) tracks FID at 20-25 steps")
     parser.add_argument("--num-sampling-steps", type=int, default=250)
     parser.add_argument("--cfg-scale", type=finite_float, default=None,
                         help="default 1.5 for conditional models (the paper's FID setting), 1 for unconditional; >= 0")

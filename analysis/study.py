@@ -29,6 +29,7 @@ import sample_ddp
 from evaluations.metrics import feature_statistics, frechet_distance
 from imagedata.fashion_mnist import fashion_mnist_files
 from launch.cli import UsageError, finite_float, run_command
+from sampling.seeded import SAMPLERS
 from storage.atomic_file import atomic_write
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -425,7 +426,7 @@ def build_parser():
     parser.add_argument("--num-fid-samples", type=int, default=100)
     parser.add_argument("--ref-images", type=int, default=500, help="t10k images in the fixed FID reference")
     parser.add_argument("--ref-seed", type=int, default=0)
-    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddim")
+    parser.add_argument("--sampler", type=str, choices=SAMPLERS, default="ddim")
     parser.add_argument("--sampling-steps", type=int, default=25)
     parser.add_argument("--cfg-scale", type=finite_float, default=1.0, help="1 = unguided (DiT's FID-vs-steps curves)")
     parser.add_argument("--sample-seed", type=int, default=0, help="the same sampling noise for every checkpoint")

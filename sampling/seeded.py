@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from diffusion import create_diffusion
+from diffusion.dpm_solver import dpm_solver_pp_sample_loop
 from diffusion.guidance import ClassifierFreeGuidance
 from diffusion.respace import space_timesteps
 from launch.cli import UsageError
@@ -20,6 +21,9 @@ from models.vae import LATENT_SCALE, decode, load_vae
 from sampling.experts import check_lone_expert, load_experts
 from storage.checkpoint import checkpoint_flags, load_checkpoint
 
+
+# --sampler choices: ancestral DDPM (the paper's protocol), DDIM (eta = 0), DPM-Solver++(2M) (diffusion/dpm_solver.py)
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 
 # Independent random streams of one sample.
 LABEL_STREAM, NOISE_STREAM, CAPTION_STREAM = 0, 1, 2
@@ -113,8 +117,10 @@ def check_sampling_flags(args):
 
 
 def timestep_respacing(sampler, num_sampling_steps):
-    """create_diffusion's timestep_respacing for a sampler and step count: "ddimN" (DDIM's even stride) or "N"."""
-    return f"ddim{num_sampling_steps}" if sampler == "ddim" else str(num_sampling_steps)
+    """create_diffusion's timestep_respacing for a sampler and step count: "ddimN" (DDIM's even stride),
+    "trailingN" (DPM-Solver++: uniform steps down from t = T - 1) or "N" (DDPM)."""
+    return {"ddim": f"ddim{num_sampling_steps}", "dpm-solver++": f"trailing{num_sampling_steps}"}.get(
+        sampler, str(num_sampling_steps))
 
 
 def resolve_cfg_scale(cfg_scale, num_classes, default, class_dropout_prob=0.1):
@@ -154,21 +160,25 @@ def null_condition(model):
 @torch.no_grad()
 def generate(model, diffusion, sampler, indices, condition, global_seed, cfg_scale=1.0, guide_channels="all",
              mixed_precision="no", progress=False, clip_denoised=False):
-    """Samples (N, C, H, W) in model space for global sample indices and their condition (DDPM, or DDIM eta=0).
+    """Samples (N, C, H, W) in model space for global sample indices and their condition (DDPM, DDIM eta=0 or
+    DPM-Solver++(2M); the last two are deterministic given x_T).
 
     condition: class labels (N,), or the model kwargs of a text model ({"context", "context_mask"}).
     clip_denoised clips the predicted x_0 to [-1, 1]: right for pixel models, wrong for VAE latents.
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {sampler!r}; expected ddpm or ddim")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     device = next(model.parameters()).device
     model_fn = model_function(model, cfg_scale, guide_channels, mixed_precision)
     noise = PerSampleNoise(indices, global_seed, device)
     shape = (len(indices), model.in_channels, model.input_size, model.input_size)
-    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    loop = {"ddim": diffusion.ddim_sample_loop, "ddpm": diffusion.p_sample_loop}.get(sampler)
     # x_T and every step's noise come from each sample's own generator (DDIM with eta = 0 uses none)
     model_kwargs = condition if isinstance(condition, dict) else {"y": condition}
     model_kwargs = {key: value.to(device) for key, value in model_kwargs.items()}
+    if loop is None:  # DPM-Solver++ draws no step noise
+        return dpm_solver_pp_sample_loop(diffusion, model_fn, shape, noise=noise(shape), clip_denoised=clip_denoised,
+                                         model_kwargs=model_kwargs, device=device, progress=progress)
     return loop(model_fn, shape, noise=noise(shape), clip_denoised=clip_denoised, model_kwargs=model_kwargs,
                 device=device, progress=progress, noise_fn=lambda x: noise(x.shape))
 

@@ -11,8 +11,12 @@ from PIL import Image
 import sample
 import sample_ddp
 from command_line import run_cli
+from diffusion import create_diffusion
+from diffusion.dpm_solver import dpm_solver_pp_sample_loop
+from diffusion.guidance import ClassifierFreeGuidance
 from launch.cli import UsageError
 from models import DiT
+from sampling.seeded import PerSampleNoise
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2)
 
@@ -85,6 +89,31 @@ def test_grid_tiles_equal_balanced_sample_ddp_samples_and_cfg_changes_them(tmp_p
     assert labels.tolist() == [0, 1, 2, 3]  # balanced: label i = i mod num_classes
     for i in range(4):  # grid tile i: class i, noise of (seed 0, i), 4 tiles in one official-width row
         np.testing.assert_array_equal(tile(guided, 0, i), images[i, ..., 0])
+
+
+def test_dpm_solver_grid_equals_sample_ddp_and_the_solver_with_guidance_called_directly(tmp_path):
+    ckpt = save_tiny(tmp_path / "c.pt")
+    grid = draw(ckpt, tmp_path / "a.png", "--class-labels", "0", "1", "2", "3", "--cfg-scale", "4",
+                "--sampler", "dpm-solver++")
+    sample_ddp.main(sample_ddp.build_parser().parse_args(
+        ["--ckpt", ckpt, "--sample-dir", str(tmp_path), "--num-fid-samples", "4", "--num-sampling-steps", "3",
+         "--cfg-scale", "4", "--balanced-classes", "--sampler", "dpm-solver++"]))
+    (npz,) = [f for f in os.listdir(tmp_path) if f.endswith(".npz")]
+    assert "dpm-solver++3" in npz
+    with np.load(tmp_path / npz) as f:
+        images = f["arr_0"]
+    # independently: the same x_T (sample i's generator), CFG through the guidance wrapper, 3 trailing steps
+    model = DiT(in_channels=1, num_classes=10, routing="dtr", **TINY)
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["ema"])
+    model.eval()
+    guided = ClassifierFreeGuidance(model, 4.0, {"y": torch.tensor(10)})
+    noise = PerSampleNoise(range(4), 0)((4, 1, 8, 8))
+    x = dpm_solver_pp_sample_loop(create_diffusion("trailing3"), guided, noise.shape, noise=noise,
+                                  clip_denoised=True, model_kwargs={"y": torch.arange(4)})
+    expected = torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)[:, 0].numpy()
+    for i in range(4):
+        np.testing.assert_array_equal(tile(grid, 0, i), images[i, ..., 0])
+        np.testing.assert_array_equal(images[i, ..., 0], expected[i])
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
