@@ -3,6 +3,7 @@
     python sample.py --ckpt results/000-DiT-L-2/checkpoints/0400000.pt --class-labels 207 360 --samples-per-class 4
     python sample.py --ckpt results/001-ADM-ImageNet64/checkpoints/0400000.pt   # any backbone, no model flags
     python sample.py --ckpt DiT-XL-2-256x256.pt                     # official weights, official defaults
+    python sample.py --model DiT-XL/2 --image-size 512              # the same, downloaded once into pretrained_models/
     python sample.py --ckpt results/000-TextDiT-B-2/checkpoints/0400000.pt --prompt "a red bus" --prompt "two dogs"
     python sample.py --ckpt ... --prompts-file prompts.txt --samples-per-prompt 4   # text models: one prompt a line
 
@@ -22,6 +23,7 @@ from torchvision.utils import make_grid
 from launch.cli import UsageError, finite_float, make_output_dir, run_command
 from storage.atomic_file import atomic_write
 from storage.checkpoint import add_checkpoint_arguments
+from storage.pretrained import use_pretrained
 from sampling.captioned_grid import captioned_grid
 from sampling.seeded import (SAMPLERS, check_sampling_flags, generate, load_for_sampling, load_text_conditioning,
                              parse_guide_channels, to_uint8)
@@ -80,6 +82,7 @@ def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_sampling_flags(args)
     prompts = read_prompts(args.prompt, args.prompts_file)
+    use_pretrained(args)  # released weights by name: downloaded once into the cache folder
 
     model, settings, cfg_scale, diffusion, vae = load_for_sampling(args, device, default_cfg_scale=4.0)
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from storage.atomic_file import atomic_write
 from storage.checkpoint import add_checkpoint_arguments
+from storage.pretrained import use_pretrained
 from launch.cli import UsageError, check_on_every_rank, finite_float, make_output_dir, run_command
 from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
 from sampling.seeded import (SAMPLERS, check_sampling_flags, class_labels, generate, load_for_sampling,
@@ -183,6 +184,7 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = args.tf32  # official DiT: True, fast, tiny differences
         torch.backends.cudnn.allow_tf32 = args.tf32
 
+    use_pretrained(args)  # released weights by name: fetched once (ranks take turns on the cache folder)
     model, settings, cfg_scale, diffusion, vae = load_for_sampling(args, device, default_cfg_scale=1.5)
     conditioning = None
     if settings.text_encoder is not None:  # text-to-image: captions from the validation annotations

@@ -34,6 +34,7 @@ from storage.authors_checkpoint import (adopt_release_random_tables, carries_rel
                                         load_with_omegaconf_config, release_settings)
 from storage.checkpoint_integrity import integrity_problem, write_sealed
 from storage.checkpoint_kind import check_resumable, check_weights_fit
+from storage.pretrained import add_pretrained_arguments
 
 
 # Official DiT's defaults, used only for files that do not say how they were trained.
@@ -337,9 +338,12 @@ def load_checkpoint(path, flags=None, use_model_weights=False):
 
 def add_checkpoint_arguments(parser):
     """Flags shared by sample.py and sample_ddp.py that say which checkpoint and how to build it."""
-    parser.add_argument("--ckpt", type=str, nargs="+", required=True,
+    parser.add_argument("--ckpt", type=str, nargs="+", default=None,
                         help="our train.py checkpoint, an official DiT checkpoint, or a raw state_dict; several: "
-                             "multi-experts (Table 6), each step sampled by the expert owning its timestep")
+                             "multi-experts (Table 6), each step sampled by the expert owning its timestep. Released "
+                             "files by name (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt, 64x64_diffusion.pt) are "
+                             "downloaded once; default: the released weights of --model / --image-size")
+    add_pretrained_arguments(parser)
     parser.add_argument("--expert-range", type=int, nargs=2, action="append", metavar=("LO", "HI"), default=None,
                         help="timestep range of each --ckpt, in order (default: its train.py --timestep-range)")
     parser.add_argument("--allow-partial-expert", action="store_true",
