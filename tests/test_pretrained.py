@@ -1,7 +1,9 @@
 """storage/pretrained.py through sample.py: released weights by name from a local HTTP server (never the internet)."""
+import glob
 import hashlib
 import http.server
 import io
+import json
 import os
 import re
 import threading
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 import sample
+import sample_ddp
 from command_line import run_cli
 from models import create_model
 from storage import pretrained
@@ -90,6 +93,12 @@ def test_a_released_name_is_downloaded_once_checked_and_sampled(tmp_path, server
     os.remove(tmp_path / "grid.png")
     code, _ = draw(tmp_path, "--ckpt", NAME, "--pretrained-dir", cache)  # the second run reads the cache
     assert code == 0 and server.requests == before + 1 and os.path.isfile(tmp_path / "grid.png")
+    code, _ = run_cli(sample_ddp.main, sample_ddp.build_parser(), [
+        "--ckpt", NAME, "--pretrained-dir", cache, "--sample-dir", tmp_path / "samples", "--num-fid-samples", 1,
+        "--num-sampling-steps", 2, *TINY_ARGS], "sample_ddp.py")
+    [config] = glob.glob(str(tmp_path / "samples" / "*.shards" / "config.json"))
+    with open(config) as f:  # the samples record the cached file they came from
+        assert code == 0 and json.load(f)["ckpt"] == str(cache / NAME) and server.requests == before + 1
 
 
 @pytest.mark.parametrize("kind, reason", [
