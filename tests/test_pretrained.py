@@ -55,6 +55,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(autouse=True)
+def no_proxy_for_the_local_server(monkeypatch):
+    """A CI machine's http_proxy must not route 127.0.0.1 away (urllib honours no_proxy)."""
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+
+
 @pytest.fixture(scope="module")
 def server():
     torch.manual_seed(0)
