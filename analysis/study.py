@@ -26,7 +26,7 @@ from collections import deque
 import numpy as np
 
 import sample_ddp
-from evaluations.metrics import feature_statistics, frechet_distance
+from evaluations.metrics import frechet_distance_of_features
 from imagedata.fashion_mnist import fashion_mnist_files
 from launch.cli import UsageError, finite_float, run_command
 from sampling.seeded import SAMPLERS
@@ -131,31 +131,11 @@ def train_run(settings, routing, seed, run_dir, threads):
     return seconds
 
 
-def sample_frechet_distance(sample_features, ref_mu, ref_sigma):
-    """FID (Heusel et al. 2017) of n < d sample features against reference statistics, without a d x d sqrtm.
-
-    With S1 = A^T A, A = centred samples / sqrt(n - 1) of shape (n, d), the non-zero eigenvalues of S1 S2 are
-    those of the symmetric PSD (n, n) matrix A S2 A^T, so tr sqrtm(S1 S2) = sum sqrt(eig(A S2 A^T)). Exact, and
-    on one CPU core ~1000x cheaper than evaluations.metrics.frechet_distance's 2048 x 2048 scipy sqrtm, whose
-    result on a rank-deficient S1 is also less accurate (tests/test_study.py checks both agree when n > d).
-    """
-    features = np.asarray(sample_features, dtype=np.float64)
-    n, d = features.shape
-    if n > d:  # full rank: the (n, n) route would be the larger one
-        return frechet_distance(*feature_statistics(features), ref_mu, ref_sigma)
-    mu = features.mean(0)
-    A = (features - mu) / np.sqrt(n - 1)  # (n, d)
-    eigenvalues = np.linalg.eigvalsh(A @ ref_sigma @ A.T)  # (n,)
-    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
-    diff = mu - ref_mu
-    return float(diff @ diff + np.sum(A * A) + np.trace(ref_sigma) - 2 * trace_sqrt)
-
-
 class CheckpointScorer:
     """The project's evaluator pieces held in this process: one Inception and the reference statistics.
 
     Features and reference statistics are evaluations.inception's and evaluations.evaluator's (ADM protocol,
-    cached beside the reference); FID is computed by sample_frechet_distance.
+    cached beside the reference); FID is evaluations.metrics.frechet_distance_of_features, as in the evaluator.
     """
 
     def __init__(self, reference, device="cpu"):
@@ -169,7 +149,7 @@ class CheckpointScorer:
         """{"FID": value} of a sample batch against the reference."""
         from evaluations.batch_npz import read_batch
         features = self.inception.extract(read_batch(sample_npz)["images"], 50, desc="Sample features")
-        return {"FID": sample_frechet_distance(features["pool_3"], self.ref["mu"], self.ref["sigma"])}
+        return {"FID": frechet_distance_of_features(features["pool_3"], self.ref["mu"], self.ref["sigma"])}
 
 
 def evaluate_checkpoint(settings, checkpoint, step, run_dir, scorer):

@@ -4,6 +4,7 @@ Prints Inception Score, FID, sFID, Precision and Recall like ADM's evaluator.py 
 beside the sample file. Reference statistics computed from images are cached beside the reference file.
 """
 import argparse
+import hashlib
 import os
 import sys
 import warnings
@@ -15,7 +16,7 @@ from launch.cli import UsageError, check_writable, make_output_dir, run_command
 from storage.atomic_file import atomic_write_json
 from evaluations.batch_npz import image_size_of, read_batch, write_npz_atomic
 from evaluations.inception import InceptionFeatures
-from evaluations.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from evaluations.metrics import feature_statistics, frechet_distance_of_features, inception_score, precision_recall
 
 METRIC_NAMES = ("Inception Score", "FID", "sFID", "Precision", "Recall")
 
@@ -29,11 +30,23 @@ def reference_cache_path(ref_path):
     return os.path.splitext(ref_path)[0] + ".inception_cache.npz"
 
 
+def content_key(images, weights_id):
+    """Cache key of a reference's features: SHA-256 of its images (shape, dtype, bytes) and the weights' identity.
+
+    Keyed by content, not by path or modification time: a copied or re-saved reference keeps its cache, and a
+    reference rewritten with other images, or evaluated with other weights, never reads stale features.
+    """
+    images = np.ascontiguousarray(images)
+    digest = hashlib.sha256(f"{images.dtype.str}{images.shape}".encode())
+    flat = images.reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, 1 << 28):  # 256 MiB at a time: no second copy of a 50K batch
+        digest.update(flat[start:start + (1 << 28)])
+    return f"sha256:{digest.hexdigest()}:{weights_id}"
+
+
 def reference_features(ref_path, images, inception, batch_size):
-    """pool_3 features and statistics of the reference images, read from or written to the cache."""
-    stat = os.stat(ref_path)
-    # A cache is only valid for this exact file and these weights.
-    key = f"{stat.st_size}:{stat.st_mtime_ns}:{inception.weights_id}"
+    """pool_3 features and statistics of the reference images, read from or written to the cache beside them."""
+    key = content_key(images, inception.weights_id)
     cache_path = reference_cache_path(ref_path)
     if os.path.isfile(cache_path):
         try:
@@ -105,10 +118,9 @@ def evaluate(ref_path, sample_path, inception, batch_size=50):
     else:
         unavailable["Inception Score"] = (f"the Inception weights {inception.weights_path} have no logits layer; "
                                           "pass --inception-weights pt_inception-2015-12-05-6726825d.pth")
-    metrics["FID"] = frechet_distance(*feature_statistics(features["pool_3"]), ref_stats["mu"], ref_stats["sigma"])
+    metrics["FID"] = frechet_distance_of_features(features["pool_3"], ref_stats["mu"], ref_stats["sigma"])
     if "mu_s" in ref_stats:
-        metrics["sFID"] = frechet_distance(*feature_statistics(features["spatial"]),
-                                           ref_stats["mu_s"], ref_stats["sigma_s"])
+        metrics["sFID"] = frechet_distance_of_features(features["spatial"], ref_stats["mu_s"], ref_stats["sigma_s"])
     else:
         unavailable["sFID"] = f"{ref_path} has neither images (arr_0) nor mu_s/sigma_s"
     if ref_pool is not None:

@@ -3,6 +3,7 @@
 The network is torch-fidelity's TF-exact port (TF1 bilinear resize to 299, (x - 128) / 128, TF pooling
 quirks); this module only finds weights, loads them into it and hooks the sFID layer.
 """
+import hashlib
 import importlib.util
 import io
 import os
@@ -159,6 +160,7 @@ class InceptionFeatures:
             raise ValueError(f"Inception weights {self.weights_path} do not fit Inception-v3: {error}") from error
         self.net.to(device)
         self.device = device
+        self._weights_digest = None
         self._mixed_6_conv = {}
         # mixed_6/conv of the TF graph = Mixed_6d's 1x1 branch (after its ReLU); the extractor does not expose it.
         self.net.Mixed_6d.branch1x1.register_forward_hook(
@@ -166,8 +168,14 @@ class InceptionFeatures:
 
     @property
     def weights_id(self):
-        """Identifies the weights for caches: file name and size."""
-        return f"{os.path.basename(self.weights_path)}:{os.path.getsize(self.weights_path)}"
+        """Identifies the weights for caches by content: SHA-256 of the weights file (read once)."""
+        if self._weights_digest is None:
+            digest = hashlib.sha256()
+            with open(self.weights_path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+            self._weights_digest = f"inception-sha256:{digest.hexdigest()}"
+        return self._weights_digest
 
     @torch.no_grad()
     def __call__(self, images):

@@ -1,7 +1,6 @@
 """Pins evaluations/evaluator.py end to end on tiny batches: output lines, JSON, reference cache, statistics.
 
-frechet_distance itself is pinned in test_metrics.py; here it is replaced by a cheap distance that is zero
-exactly when the statistics agree, because scipy's sqrtm at 2048 dimensions takes minutes on 2 shared cores.
+The Frechet distance is pinned in test_metrics.py; with 10 images it takes the exact (n, n) route, so it is cheap.
 """
 import argparse
 import json
@@ -16,16 +15,12 @@ pytest.importorskip("torch_fidelity", reason="torch-fidelity (eval extra) is not
 
 from evaluations import evaluator  # noqa: E402
 from evaluations.inception import InceptionFeatures  # noqa: E402
+from evaluations.metrics import frechet_distance_of_features  # noqa: E402
 from launch.cli import UsageError, run_command  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 N_IMAGES = 10
-
-
-def statistics_gap(mu1, sigma1, mu2, sigma2):
-    """Zero iff both statistics agree; records nothing, costs nothing."""
-    return float(np.sum((mu1 - mu2) ** 2) + np.sum(np.abs(sigma1 - sigma2)))
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +29,6 @@ def inception():
         return InceptionFeatures()
     except FileNotFoundError as error:
         pytest.skip(f"no Inception weights on this machine: {error}")
-
-
-@pytest.fixture(autouse=True)
-def cheap_frechet(monkeypatch):
-    monkeypatch.setattr(evaluator, "frechet_distance", statistics_gap)
 
 
 def write_images(path, seed, n=N_IMAGES, size=16):
@@ -73,10 +63,37 @@ def test_main_prints_five_metrics_and_writes_json_then_reuses_the_reference_cach
     monkeypatch.setattr(inception, "extract", lambda images, *a, **k: calls.append(len(images)) or extract(images, *a, **k))
     metrics, _ = evaluator.evaluate(ref, sample, inception, batch_size=5)
     assert calls == [N_IMAGES] and all(metrics[k] == saved[k] for k in evaluator.METRIC_NAMES)
-    # A changed reference file invalidates its cache.
-    os.utime(ref, ns=(0, 0))
-    evaluator.reference_features(ref, np.load(ref)["arr_0"], inception, batch_size=5)
-    assert calls == [N_IMAGES, N_IMAGES]
+
+
+class StandInFeatures:
+    """Inception's interface with features that are a fixed function of the images; counts extracted images."""
+
+    def __init__(self, weights_id="stand-in-1"):
+        self.weights_id, self.extracted = weights_id, []
+
+    def extract(self, images, batch_size=50, desc=""):
+        self.extracted.append(len(images))
+        pixels = images.reshape(len(images), -1).astype(np.float64)
+        return {"pool_3": pixels[:, :64], "spatial": pixels[:, 64:96], "logits": None}
+
+
+def test_reference_cache_is_keyed_by_image_content_and_weights(tmp_path):
+    ref = write_images(tmp_path / "ref.npz", 0)
+    images = np.load(ref)["arr_0"]
+    net = StandInFeatures()
+    first = evaluator.reference_features(ref, images, net, batch_size=5)
+    os.utime(ref, ns=(0, 0))  # touched, same content: still cached
+    np.savez(ref, arr_0=images)  # rewritten with the same images: still cached
+    again = evaluator.reference_features(ref, images, net, batch_size=5)
+    assert net.extracted == [N_IMAGES] and all(np.array_equal(first[k], again[k]) for k in first)
+    other_weights = StandInFeatures("other-weights")
+    evaluator.reference_features(ref, images, other_weights, batch_size=5)
+    assert other_weights.extracted == [N_IMAGES]
+    other = images.copy()
+    other[0, 0, 0, 0] ^= 1  # one bit of one pixel
+    np.savez(ref, arr_0=other)
+    evaluator.reference_features(ref, other, net, batch_size=5)
+    assert net.extracted == [N_IMAGES, N_IMAGES]
 
 
 def test_identical_batches_give_zero_distances_and_full_precision_recall(tmp_path, inception):
@@ -95,7 +112,7 @@ def test_reference_statistics_are_read_as_they_are(tmp_path, inception):
     sample = write_images(tmp_path / "sample.npz", 4)
     metrics, unavailable = evaluator.evaluate(str(tmp_path / "ref.npz"), sample, inception, batch_size=5)
     features = inception.extract(np.load(sample)["arr_0"], 5)
-    expected = statistics_gap(*evaluator.feature_statistics(features["pool_3"]), stats["mu"], stats["sigma"])
+    expected = frechet_distance_of_features(features["pool_3"], stats["mu"], stats["sigma"])
     assert metrics["FID"] == pytest.approx(expected, rel=1e-9)
     assert metrics["Precision"] is None and "no images" in unavailable["Recall"]
     text = evaluator.format_metrics(metrics, unavailable)

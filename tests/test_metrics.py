@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluations.metrics import (feature_statistics, frechet_distance, inception_score, manifold_radii,
-                                 precision_recall, spatial_features)
+from evaluations.metrics import (feature_statistics, frechet_distance, frechet_distance_of_features, inception_score,
+                                 manifold_radii, precision_recall, spatial_features)
 
 
 def random_covariance(rng, dim):
@@ -58,6 +58,26 @@ def test_frechet_distance_of_feature_statistics_recovers_known_gaussians():
 def test_frechet_distance_rejects_mismatched_statistics():
     with pytest.raises(ValueError, match="mismatched statistics"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_fid_of_features_equals_the_sqrtm_route_and_the_symmetric_eigen_formula_for_few_samples():
+    rng = np.random.default_rng(5)
+    ref_mu, ref_sigma = feature_statistics(rng.standard_normal((400, 48)))
+    w, v = np.linalg.eigh(ref_sigma)
+    root2 = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
+    for n in (20, 48, 200):  # fewer samples than features (the (n, n) route), as many, and more (ADM's sqrtm)
+        samples = 1.3 * rng.standard_normal((n, 48)) + 0.2
+        mu1, sigma1 = feature_statistics(samples)
+        got = frechet_distance_of_features(samples, ref_mu, ref_sigma)
+        # the evaluator's route before: scipy's sqrtm of the rank-deficient S1 S2 is good to ~1e-7 relative here
+        assert got == pytest.approx(frechet_distance(mu1, sigma1, ref_mu, ref_sigma), rel=1e-6)
+        # independent: tr sqrt(S2^1/2 S1 S2^1/2) from a symmetric (d, d) eigendecomposition; its d - n + 1 zero
+        # eigenvalues come out as rounding noise ~1e-15, whose square roots add up to ~1e-7 relative
+        tr_covmean = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(root2 @ sigma1 @ root2), 0, None)))
+        expected = np.sum((mu1 - ref_mu) ** 2) + np.trace(sigma1) + np.trace(ref_sigma) - 2 * tr_covmean
+        assert got == pytest.approx(expected, rel=1e-6)
+    # the samples' own statistics: 0 up to the square root of one zero eigenvalue's rounding (FID ~80 here)
+    assert frechet_distance_of_features(samples[:30], *feature_statistics(samples[:30])) == pytest.approx(0, abs=1e-6)
 
 
 def test_inception_score_is_one_for_identical_predictions():
