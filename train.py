@@ -62,7 +62,9 @@ from imagedata import KINDS as DATA_KINDS
 from imagedata import ImageFileDataset, build_dataset
 from imagedata.image_folder import find_damaged_images
 from imagedata.latents import sample_posterior
-from launch.cli import UsageError, check_on_every_rank, finite_float, make_output_dir, run_command
+from imagedata.unreadable_images import BatchesAhead, ReportUnreadable
+from launch.cli import (RunFailure, UsageError, check_on_every_rank, finite_float, make_output_dir, run_command,
+                        write_on_rank_zero)
 from launch.model_args import add_model_arg
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
 from launch.process_group import (add_launch_arguments, cleanup_distributed, default_num_workers, describe_distributed,
@@ -76,7 +78,7 @@ from monitoring.training_monitor import TrainingMonitor
 from storage.checkpoint import (TrainingState, check_resume_compatible, read_training_checkpoint,
                                 restore_training_state, save_checkpoint, training_checkpoint)
 from storage.resume_policy import apply_learning_rate, check_fixed_settings, dataset_identity
-from storage.rng_state import gather_rng_states, restore_rng_state
+from storage.rng_state import capture_rng_state, gather_rng_states, restore_rng_state
 from storage.run_folder import prune_checkpoints, resolve_run
 from storage.run_lock import RunFolderLock
 from storage.run_record import write_run_record
@@ -230,12 +232,15 @@ def build_training_state(args, dataset, device, text=None):
     return TrainingState(model, ema, opt, weighting, scaler, settings), diffusion
 
 
-def build_loader(dataset, sampler, epoch, position, local_batch_size, num_workers, device):
-    """Loader for the rest of an epoch: the sampler's order with the first `position` batches skipped."""
+def build_loader(dataset, sampler, epoch, position, local_batch_size, num_workers, device, skip_bad_images=False):
+    """Loader for the rest of an epoch: the sampler's order with the first `position` batches skipped.
+
+    It yields (x, y, problems): an image that fails to decode is reported, not raised (imagedata/unreadable_images.py).
+    """
     sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)  # flips are a function of (seed, epoch, index); set before the workers fork
     indices = list(sampler)[position * local_batch_size:]
-    return DataLoader(dataset, batch_size=local_batch_size, sampler=indices, num_workers=num_workers,
+    return DataLoader(ReportUnreadable(dataset, skip_bad_images), batch_size=local_batch_size, sampler=indices, num_workers=num_workers,
                       pin_memory=device.type == "cuda", drop_last=True,
                       worker_init_fn=ignore_preemption_signals)  # the main process decides when to stop
 
@@ -261,12 +266,12 @@ def open_run(args, state, dataset, rank, world_size, lock=None):
         check_fixed_settings(checkpoint, args, dataset_identity(dataset), resume_path)
         restore_training_state(state, checkpoint, resume_path)
         checkpoint["path"] = resume_path
-    if rank == 0:
+
+    def prepare_folder():
         os.makedirs(f"{experiment_dir}/checkpoints", exist_ok=True)
         truncate_metrics(f"{experiment_dir}/metrics.jsonl", state.step)  # lines past the resume point are redone
         write_run_record(experiment_dir, args, world_size, resumed_from=resume_path, step=state.step)
-    if world_size > 1:
-        dist.barrier()
+    write_on_rank_zero(prepare_folder, rank, world_size)
     return experiment_dir, checkpoint, notes
 
 
@@ -274,15 +279,37 @@ def save(state, args, loss_log, checkpoint_dir, rank, world_size, logger):
     """Write <checkpoint_dir>/<step>.pt and prune (--keep-last); every rank calls it (RNG states are gathered)."""
     rng_states = gather_rng_states(world_size)
     loss_state = loss_log.state()
-    if rank == 0:
+
+    def write():
         path = f"{checkpoint_dir}/{state.step:07d}.pt"
         save_checkpoint(training_checkpoint(state, args, rng_states, loss_state), path)
         logger.info(f"Saved checkpoint to {path}")
         if args.keep_last is not None:
             for removed in prune_checkpoints(checkpoint_dir, args.keep_last, args.keep_every):
                 logger.info(f"Removed {removed} (--keep-last {args.keep_last})")
+    write_on_rank_zero(write, rank, world_size)  # a full disk: one line on every rank, not a broken barrier
+
+
+def stop_on_unreadable_image(batches, state, args, loss_log, checkpoint_dir, rank, world_size, logger, preemption,
+                             rng_before_loader):
+    """Checkpoint the last good step (unless saved already) and raise the RunFailure naming the file and step.
+
+    Mid-epoch the loop has just saved it. When a loader's first batch failed, the step before it may not be saved
+    yet: its checkpoint is written with the RNG states from before the loader was built, as a save at the end
+    of that step would hold them, so that a resume from it continues bit for bit.
+    """
+    problems = [batches.unreadable]
     if world_size > 1:
-        dist.barrier()
+        problems = [None] * world_size
+        dist.all_gather_object(problems, batches.unreadable)
+    problem = next(p for p in problems if p is not None)  # the lowest rank's: "PATH: reason"
+    path = f"{checkpoint_dir}/{state.step:07d}.pt"
+    if batches.stopped_at_start and state.step > 0 and not preemption.any_rank(rank == 0 and os.path.exists(path)):
+        restore_rng_state(rng_before_loader)
+        save(state, args, loss_log, checkpoint_dir, rank, world_size, logger)
+    kept = f"step {state.step} is saved in {path}" if state.step > 0 else "no step was done"
+    raise RunFailure(f"cannot read image {problem}, in the batch of step {state.step + 1}; {kept}. Replace or "
+                     "remove the file and run again with --resume, or pass --skip-bad-images")
 
 
 #################################################################################
@@ -378,9 +405,13 @@ def train(args, rank, world_size, device, preemption=None, lock=None):
                     f"{args.global_batch_size} = {world_size} ranks x {local_batch_size}")
         stopped = False
         while state.step < max_steps and not stopped:
+            rng_before_loader = capture_rng_state()  # iterating a loader draws its workers' seeds
             loader = build_loader(dataset, sampler, state.epoch, state.position, local_batch_size,
-                                  args.num_workers, device)
-            for x, y in loader:
+                                  args.num_workers, device, args.skip_bad_images)
+            # one batch ahead: an image that cannot be read stops every rank after the step before its batch
+            batches = BatchesAhead(loader, preemption.any_rank, report=logger.warning if rank == 0 else
+                                   lambda line: print(f"rank {rank}: {line}", file=sys.stderr))
+            for x, y in batches:
                 # (B, C, H, W): images in [-1, 1] or scaled latents; (B, 2, C, h, w): a VAE posterior's mean, std
                 x = x.to(device, non_blocking=True)
                 image_ids = y  # a text model's COCO image ids, on the host (its captions are drawn there)
@@ -395,7 +426,8 @@ def train(args, rank, world_size, device, preemption=None, lock=None):
                                              torch.full_like(first_bad_step, state.step), first_bad_step)
                 at_log = state.step % args.log_every == 0
                 at_ckpt = state.step % args.ckpt_every == 0 or state.step == max_steps
-                stopping = preemption.stop_requested()  # same answer on every rank, after the same step
+                # same answer on every rank, after the same step: a signal, or an image of a next batch unreadable
+                stopping = preemption.stop_requested(failed=batches.unreadable is not None and state.step < max_steps)
                 if at_log or at_ckpt or stopping:  # checked here only, to avoid a device sync every step
                     check_finite(first_bad_step, checkpoint_dir, world_size)
                 if at_log:
@@ -409,6 +441,8 @@ def train(args, rank, world_size, device, preemption=None, lock=None):
                     logger.info(f"Saved EMA samples to {grid}")
                 if at_ckpt or stopping:
                     save(state, args, loss_log, checkpoint_dir, rank, world_size, logger)
+                if stopping and preemption.failed:
+                    break
                 if stopping:
                     logger.info(f"Stopped by {preemption.name} after step {state.step} of {max_steps}; "
                                 f"run the same command with --resume auto (or --resume {checkpoint_dir}/"
@@ -416,11 +450,17 @@ def train(args, rank, world_size, device, preemption=None, lock=None):
                     stopped = True
                 if state.step >= max_steps or stopped:
                     break
+            if batches.stopped_at_start or preemption.failed:
+                stop_on_unreadable_image(batches, state, args, loss_log, checkpoint_dir, rank, world_size, logger,
+                                         preemption, rng_before_loader)
         model.eval()
         monitor.close()
         if not stopped:
             logger.info("Done!")
         return experiment_dir
+    except (RunFailure, FloatingPointError) as error:
+        logger.error(str(error))  # into log.txt too, not only on stderr
+        raise
     finally:
         close_logger(logger)
 
@@ -487,6 +527,9 @@ def build_parser():
                       help="'none' trains on --data-path images in pixel space (required there: images are not "
                            "encoded on the fly). With --feature-path the VAE named in the latents' manifest "
                            "(extract_features.py --vae) is used and recorded in checkpoints; other values are ignored")
+    data.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False,
+                      help="an image that fails to decode mid-run is replaced by the next readable one (logged) "
+                           "instead of stopping the run after a checkpoint")
     data.add_argument("--num-workers", type=int, default=default_num_workers(),
                       help="data-loader processes per rank; default: 4 (official DiT), or the CPUs available if fewer")
     data.add_argument("--captions", type=str, default=None,

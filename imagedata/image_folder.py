@@ -17,7 +17,7 @@ class BadImageError(ValueError):
 
     def __init__(self, path, reason):
         super().__init__(f"cannot read image {path}: {reason}")
-        self.path = path
+        self.path, self.reason = path, reason
 
 
 def is_image_file(name):

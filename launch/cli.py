@@ -34,6 +34,9 @@ Rules of the contract:
   * Under torchrun every rank runs the same checks and exits 2; the line is printed once, by rank 0. A check
     whose verdict can differ between ranks (rank 0 alone creates the results folder) goes through
     check_on_every_rank, which shares the verdict so that no rank waits forever in a collective.
+  * A run that fails later on every rank alike (train.py: an image of the next batch cannot be decoded; the
+    checkpoint rank 0 writes does not fit on the disk) raises RunFailure on every rank: one line, printed once,
+    exit code 1.
   * A file operation that fails later for lack of space or permission (OSError: no space left, read-only file
     system, permission denied, file too large) ends in one line `prog: error: PATH: reason`, exit code 1, on
     the rank that hit it: the command was right, the disk was not. storage.atomic_file.atomic_write raises
@@ -58,6 +61,12 @@ RANK_ZERO_GRACE_S = 10     # how long other ranks leave rank 0 to report a share
 
 class UsageError(ValueError):
     """A mistake the user can fix on the command line; run_command prints `prog: error: <message>`, exits 2."""
+
+
+class RunFailure(RuntimeError):
+    """A run that had to stop for a reason outside the command line (an image that cannot be decoded, a disk that
+    is full), raised with the same message on every rank; run_command prints it once (rank 0), every rank
+    exits 1. The message is one line and names the file."""
 
 
 #################################################################################
@@ -138,6 +147,31 @@ def check_on_every_rank(check, *args, **kwargs):
     return result
 
 
+def write_on_rank_zero(write, rank, world_size):
+    """write() on rank 0 while the other ranks wait; a disk that refuses it (full, read-only, quota) is a
+    RunFailure on every rank. Returns write's result on rank 0, None elsewhere.
+
+    Replaces `if rank == 0: write()` followed by a barrier, where the other ranks, left waiting in the barrier
+    when rank 0 fails, end in a 40-line "Connection closed by peer" (gloo) or wait out the timeout (nccl).
+    A collective: every rank calls it at the same point.
+    """
+    result, failure = None, None
+    if rank == 0:
+        try:
+            result = write()
+        except OSError as error:
+            if error.errno not in DISK_ERRNOS:
+                raise
+            failure = f"{error.filename + ': ' if error.filename else ''}{error.strerror or error}"
+    if world_size > 1:
+        shared = [failure]
+        dist.broadcast_object_list(shared, src=0)  # also the barrier: the others wait for rank 0's word
+        failure = shared[0]
+    if failure is not None:
+        raise RunFailure(failure)
+    return result
+
+
 #################################################################################
 #                                   The runner                                  #
 #################################################################################
@@ -192,6 +226,8 @@ def run_command(main, parser, parse_args=None):
         return main(args)
     except UsageError as error:
         _stop(parser, " ".join(str(error).split("\n")), USAGE_EXIT_CODE, _rank() == 0)
+    except RunFailure as error:
+        _stop(parser, " ".join(str(error).split("\n")), ENVIRONMENT_EXIT_CODE, _rank() == 0)
     except OSError as error:
         if error.errno not in DISK_ERRNOS:
             raise

@@ -27,6 +27,7 @@ class PreemptionFlag:
     def __init__(self, world_size=1):
         self.world_size = world_size
         self.signum = None
+        self.failed = False  # set by stop_requested: some rank failed
         self.previous = {}
         # gloo carries the flag on CPU; under a gloo default group (CPU runs) that group is reused
         self.group = None
@@ -50,13 +51,22 @@ class PreemptionFlag:
         if self.signum is None:
             self.signum = signum
 
-    def stop_requested(self):
-        """True on every rank if any rank received a preemption signal (a collective: all ranks call it)."""
+    def stop_requested(self, failed=False):
+        """True on every rank if any rank received a preemption signal or passed failed=True (a collective: all
+        ranks call it). Afterwards self.failed says whether some rank failed (an image it cannot read)."""
+        flags = torch.tensor([self.signum is not None, failed], dtype=torch.int32)
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        self.failed = bool(flags[1])
+        return bool(flags.any())
+
+    def any_rank(self, flag):
+        """True on every rank if `flag` is True on any rank (a collective on the same CPU group)."""
         if self.world_size == 1:
-            return self.signum is not None
-        flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+            return bool(flag)
+        value = torch.tensor([bool(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value.item())
 
     @property
     def name(self):

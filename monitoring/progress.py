@@ -38,9 +38,17 @@ def console_handler():
     return handler
 
 
+class LogFileHandler(logging.FileHandler):
+    """log.txt's handler. A line the disk refuses (full, quota) is lost quietly: logging's default prints a
+    traceback for it, which would bury the one-line error that follows (the checkpoint fails on that disk too)."""
+
+    def handleError(self, record):
+        pass
+
+
 def file_handler(path):
     """log.txt: plain lines, no terminal colour codes."""
-    handler = logging.FileHandler(path)
+    handler = LogFileHandler(path)
     handler.setFormatter(PLAIN)
     return handler
 

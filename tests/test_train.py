@@ -349,17 +349,69 @@ def test_damaged_images_stop_training_before_it_starts_and_name_the_files(tmp_pa
     assert image_file_problem(str(data / "a" / "1.png")) is None
 
 
-def test_a_disk_that_refuses_the_checkpoint_is_one_line_naming_it(tmp_path, images):
-    # RLIMIT_FSIZE fails write(2) past 64 KiB with EFBIG, as a full disk fails it with ENOSPC; torch.save alone
-    # would report "[enforce fail at inline_container.cc] unexpected pos" without the path
+def damage_body(path):
+    """XOR bytes in the middle of an image: it passes the pre-check (size, header, end marker), PIL fails on it."""
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2 - 8:len(data) // 2 + 8] = bytes(b ^ 0x5A for b in data[len(data) // 2 - 8:len(data) // 2 + 8])
+    open(path, "wb").write(bytes(data))
+
+
+def test_an_image_damaged_in_its_body_stops_after_a_checkpoint_of_the_last_good_step_or_is_skipped(
+        tmp_path, images, capsys, monkeypatch):
+    from torch.utils.data.distributed import DistributedSampler
+    from imagedata.image_folder import image_folder_dataset
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    paths = image_folder_dataset(str(data), 8).paths
+    # global batch 5 of 24 images: 4 steps per epoch, 4 images left out of each epoch
+    sampler = DistributedSampler(paths, num_replicas=1, rank=0, shuffle=True, seed=1, drop_last=True)
+    order = [list(sampler) for epoch in (0, 1) if sampler.set_epoch(epoch) is None]
+    a = paths[order[0][10]]  # in the batch of step 3
+    b = paths[sorted(set(order[1][:5]) & set(order[0][20:]))[0]]  # the first batch of epoch 1 only: step 5
+    whole_a = open(a, "rb").read()
+    damage_body(a), damage_body(b)
+    common = ["--data-path", data, "--global-batch-size", 5, "--global-seed", 1, "--ckpt-every", 100,
+              "--results-dir", tmp_path / "r", "--exp-name", "bad"]
+    exp = tmp_path / "r" / "bad"
+    code, err = train_in_process(capsys, monkeypatch, *common, "--max-steps", 8)  # in the middle of an epoch
+    reason = "broken data stream when reading image file"
+    line = (f"cannot read image {a}: {reason}, in the batch of step 3; step 2 is saved in {exp}/checkpoints/0000002.pt. "
+            "Replace or remove the file and run again with --resume, or pass --skip-bad-images")
+    assert (code, err) == (1, f"train.py: error: {line}\n") and ckpts(exp) == ["0000002.pt"]
+    assert line in open(exp / "log.txt").read()
+    open(a, "wb").write(whole_a)
+    code, err = train_in_process(capsys, monkeypatch, *common, "--max-steps", 8, "--resume", "auto")  # first batch
+    assert (code, err.split(", in the batch")[0]) == (1, f"train.py: error: cannot read image {b}: {reason}")
+    assert "in the batch of step 5; step 4 is saved" in err and ckpts(exp) == ["0000002.pt", "0000004.pt"]
+    resumed = run(*common, "--max-steps", 6, "--resume", "auto", "--skip-bad-images")
+    assert f"skipped {b}: {reason}, used sample " in open(f"{resumed}/log.txt").read()
+    common[-1] = "straight"  # the same data (b damaged, skipped) without the stops: the same weights
+    straight = run(*common, "--max-steps", 6, "--skip-bad-images")
+    assert_same_tensors(load(f"{straight}/checkpoints/0000006.pt")["model"],
+                        load(f"{resumed}/checkpoints/0000006.pt")["model"])
+
+
+def test_two_ranks_stop_together_in_one_line_for_an_image_one_rank_cannot_read_and_a_full_disk(tmp_path, images):
+    # rank 1 cannot decode an image of step 2's batch: both ranks stop after step 1 and save it; the disk refuses
+    # the checkpoint (RLIMIT_FSIZE 64 KiB: EFBIG, as a full disk's ENOSPC). Rank 1 must not die in a barrier.
+    from torch.utils.data.distributed import DistributedSampler
+    from imagedata.image_folder import image_folder_dataset
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    paths = image_folder_dataset(str(data), 8).paths
+    damage_body(paths[list(DistributedSampler(paths, num_replicas=2, rank=1, shuffle=True, seed=0))[4]])
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--data-path", images,
-                             "--results-dir", str(tmp_path), "--max-steps", "1"], capture_output=True, text=True,
-                            env=env, cwd=ROOT, timeout=240, preexec_fn=limit)
-    path = f"{tmp_path}/000-DiT-S-2/checkpoints/0000001.pt"
-    assert (result.returncode, result.stderr) == (1, f"train.py: error: {path}: File too large\n")
-    assert ckpts(f"{tmp_path}/000-DiT-S-2") == []  # no checkpoint and no temp file
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), "--config", TINY, "--data-path", str(data), "--results-dir",
+                             str(tmp_path / "r"), "--exp-name", "full", "--global-batch-size", "8", "--max-steps", "3"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=240, preexec_fn=limit)
+    path = f"{tmp_path}/r/full/checkpoints/0000001.pt"
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 1 and errors == [f"train.py: error: {path}: File too large"], result.stderr
+    assert result.stderr.count("exitcode  : 1 (pid") == 2 and "Connection closed" not in result.stderr
+    assert f"{path}: File too large" in open(f"{tmp_path}/r/full/log.txt").read()
+    assert ckpts(f"{tmp_path}/r/full") == []  # no checkpoint and no temp file
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "middle"])
