@@ -38,6 +38,9 @@ Clusters: SIGTERM, SIGUSR1 or SIGINT stop every rank after the current step, wit
 exit 0 (launch/preemption.py). --exp-name NAME --resume auto continues the newest checkpoint of
 <results-dir>/NAME or starts there, so a requeued job reruns the same command; --keep-last K prunes.
 A resume may change --lr (applied and logged); other trajectory settings are refused (storage/resume_policy.py).
+A run folder is held by one job (storage/run_lock.py); checkpoints carry a SHA-256 that every reader checks
+(storage/checkpoint_integrity.py); an image that fails to decode mid-run stops every rank after a checkpoint of the
+last good step, or is replaced under --skip-bad-images (imagedata/unreadable_images.py).
 """
 import argparse
 import copy
@@ -240,8 +243,8 @@ def build_loader(dataset, sampler, epoch, position, local_batch_size, num_worker
     sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)  # flips are a function of (seed, epoch, index); set before the workers fork
     indices = list(sampler)[position * local_batch_size:]
-    return DataLoader(ReportUnreadable(dataset, skip_bad_images), batch_size=local_batch_size, sampler=indices, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", drop_last=True,
+    return DataLoader(ReportUnreadable(dataset, skip_bad_images), batch_size=local_batch_size, sampler=indices,
+                      num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True,
                       worker_init_fn=ignore_preemption_signals)  # the main process decides when to stop
 
 
