@@ -11,11 +11,13 @@ empty comment), so any damage anywhere in the file shows.
 Files without a checksum (written before it existed, or by other code: official DiT, the DTR release) are
 read as before: only their size, first bytes and zip end are checked.
 
-Cost: one SHA-256 pass over the file on each side. Saving hashes the bytes in memory as they stream out;
+Cost: one SHA-256 pass over the file on each side. Saving hashes the bytes in memory as they stream out
+(lost in the fsync of the atomic write: benchmarks/checkpoint_integrity.py measured no difference for 1 GiB);
 reading hashes the file before torch.load reads it again (from the page cache, where it now is). SHA-256
-runs at ~0.9 GB/s on one loaded core of this machine (SHA-NI; 1.5-2 GB/s on an idle one), so a 10.8 GB
-DiT-XL/2 training checkpoint (model, EMA, two Adam moments) costs ~5-12 s per read or write, small beside
-the minutes between checkpoints. train.py verifies a resumed checkpoint once, on rank 0.
+runs at ~0.9 GB/s on one core of a loaded 2-core dev machine (SHA-NI; 1.5-2 GB/s on an idle core), so a
+10.8 GB DiT-XL/2 training checkpoint (model, EMA, two Adam moments) takes ~5-12 s more to load; zlib's CRC-32
+would be ~2x faster but is a 32-bit check. train.py verifies a resumed checkpoint once, on rank 0; each
+sampling rank verifies the file it loads.
 """
 import hashlib
 import os
@@ -86,13 +88,14 @@ def content_checksum(path):
     """The SHA-256 of a sealed file's content as torch.save wrote it (its comment, and the comment's length,
     left out); compare with stored_checksum(path)."""
     digest, remaining = hashlib.sha256(), os.path.getsize(path) - COMMENT_SIZE - 2
-    with open(path, "rb") as f:
+    buffer = memoryview(bytearray(CHUNK))  # one buffer for the whole file: no 64 MB allocation per read
+    with open(path, "rb", buffering=0) as f:
         while remaining > 0:
-            chunk = f.read(min(CHUNK, remaining))
-            if not chunk:
+            n = f.readinto(buffer[:min(CHUNK, remaining)])
+            if not n:
                 break
-            digest.update(chunk)
-            remaining -= len(chunk)
+            digest.update(buffer[:n])
+            remaining -= n
     digest.update(b"\0\0")  # the comment length as torch.save wrote it
     return digest.hexdigest()
 
