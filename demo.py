@@ -28,11 +28,13 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from launch.cli import UsageError, finite_float, make_output_dir, run_command
-from storage.atomic_file import atomic_write
+from foundation.atomic_file import atomic_write
+from foundation.flag_types import finite_float
+from foundation.usage_error import UsageError
 from imagedata.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_files
+from launch.cli import make_output_dir, run_command
 from models.routing import NUM_TIMESTEPS, build_masks
-from storage.training_log import read_metrics
+from monitoring.training_log import read_metrics
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist

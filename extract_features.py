@@ -25,9 +25,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from foundation.usage_error import UsageError
 from imagedata import BadImageError, ImageFileDataset, build_dataset
 from imagedata.latents import read_shard_record, shard_is_finished, write_manifest, write_shard
-from launch.cli import UsageError, check_on_every_rank, make_output_dir, run_command
+from launch.cli import check_on_every_rank, make_output_dir, run_command
 from launch.process_group import add_launch_arguments, default_num_workers, describe_distributed, setup_distributed
 from models.vae import LATENT_SCALE, encode_with_flip, load_vae, vae_name
 

@@ -20,13 +20,15 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from launch.cli import UsageError, finite_float, make_output_dir, run_command
-from storage.atomic_file import atomic_write
-from storage.checkpoint import add_checkpoint_arguments
-from storage.pretrained import use_pretrained
+from foundation.atomic_file import atomic_write
+from foundation.flag_types import finite_float
+from foundation.usage_error import UsageError
+from launch.cli import make_output_dir, run_command
 from sampling.captioned_grid import captioned_grid
+from sampling.checkpoint_flags import add_checkpoint_arguments
 from sampling.seeded import (SAMPLERS, check_sampling_flags, generate, load_for_sampling, load_text_conditioning,
                              parse_guide_channels, to_uint8)
+from storage.pretrained import use_pretrained
 
 
 OFFICIAL_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # official DiT's sample.py grid

@@ -25,29 +25,27 @@ holds the caption's COCO image id and <run-name>.captions.json beside the .npz l
 import argparse
 import json
 import os
-import re
-import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from storage.atomic_file import atomic_write
-from storage.checkpoint import add_checkpoint_arguments
-from storage.pretrained import use_pretrained
-from launch.cli import UsageError, check_on_every_rank, finite_float, make_output_dir, run_command
+from foundation.atomic_file import atomic_write
+from foundation.flag_types import finite_float
+from foundation.usage_error import UsageError
+from launch.cli import check_on_every_rank, make_output_dir, run_command
 from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
+from sampling.checkpoint_flags import add_checkpoint_arguments
+from sampling.sample_shards import check_shard_dir, finished_shards, save_pngs, shard_path, write_npz, write_samples
 from sampling.seeded import (SAMPLERS, check_sampling_flags, class_labels, generate, load_for_sampling,
                              load_text_conditioning, parse_guide_channels, to_uint8, validation_captions)
 from sampling.work_split import missing_intervals, rank_shards
+from storage.pretrained import use_pretrained
 from storage.run_folder import remove_stale_temp_files
 
-SHARD_NAME = re.compile(r"^shard_(\d{6,})_(\d{6,})\.npz$")  # shard_<start>_<stop>.npz
-
-
 #################################################################################
-#                         Run name, configuration, shards                       #
+#                            Run name and configuration                         #
 #################################################################################
 
 def short_name(path_or_name):
@@ -101,66 +99,6 @@ def sampling_config(args, settings, cfg_scale):
         "balanced_classes": args.balanced_classes,
         "mixed_precision": args.mixed_precision,
     }
-
-
-def check_shard_dir(shard_dir, config):
-    """Raise if shard_dir was started with another configuration (nothing in it is touched)."""
-    path = os.path.join(shard_dir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        stored = json.load(f)
-    differ = [f"{k}: {stored.get(k)!r} there vs {config.get(k)!r} now"
-              for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
-    if differ:
-        raise UsageError(f"{shard_dir} holds shards of another configuration ({'; '.join(differ)}); "
-                         "use another --sample-dir or restore the original settings (no shard was deleted)")
-
-
-def shard_path(shard_dir, start, stop):
-    """The shard of sample indices [start, stop)."""
-    return os.path.join(shard_dir, f"shard_{start:06d}_{stop:06d}.npz")
-
-
-def finished_shards(shard_dir):
-    """Sorted (start, stop) of the shards on disk (atomic writes: a file with a shard's name is whole)."""
-    if not os.path.isdir(shard_dir):
-        return []
-    return sorted((int(m.group(1)), int(m.group(2))) for m in map(SHARD_NAME.match, os.listdir(shard_dir)) if m)
-
-
-def write_npz(f, arrays, chunks=None):
-    """An .npz byte for byte determined by its arrays (fixed zip timestamps); arrays may be streamed.
-
-    arrays: {name: array}; chunks: {name: (dtype, shape, iterable of C-ordered pieces)} for arrays
-    too large to hold in memory (the 50K-image arr_0).
-    """
-    entries = [(name, a.dtype, a.shape, [a]) for name, a in arrays.items()]
-    entries += [(name, dtype, shape, pieces) for name, (dtype, shape, pieces) in (chunks or {}).items()]
-    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, dtype, shape, pieces in sorted(entries, key=lambda e: e[0]):
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with zf.open(info, "w", force_zip64=True) as entry:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                          "shape": tuple(shape)}
-                np.lib.format.write_array_header_1_0(entry, header)
-                for piece in pieces:
-                    entry.write(np.ascontiguousarray(piece, dtype=dtype).tobytes())
-
-
-def read_shard(path, start, stop):
-    """(images, labels, captions or None) of a finished shard, checked against the sample indices it must hold."""
-    with np.load(path) as shard:
-        images, labels = shard["images"], shard["labels"]
-        captions = shard["captions"].tolist() if "captions" in shard.files else None
-    if len(images) != stop - start or len(labels) != stop - start:
-        raise UsageError(f"{path} holds {len(images)} samples, expected {stop - start} (indices {start}..{stop - 1})")
-    return images, labels, captions
-
-
-def rgb(images):
-    """(N, H, W, 1) grayscale -> (N, H, W, 3): the ADM evaluator expects RGB."""
-    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 #################################################################################
@@ -262,42 +200,6 @@ def main(args):
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
-
-
-def save_pngs(shard_dir, start, images):
-    """Optional per-sample PNGs <index:06d>.png, as official DiT writes them."""
-    from PIL import Image
-    png_dir = os.path.join(shard_dir, "png")
-    os.makedirs(png_dir, exist_ok=True)
-    for i, image in enumerate(images):
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
-            os.path.join(png_dir, f"{start + i:06d}.png"))
-
-
-def write_samples(shard_dir, bounds, out):
-    """Join the shards, in index order and one at a time, into <out>: arr_0 uint8 NHWC RGB, arr_1 labels.
-
-    Shards with captions (text-to-image) also give <out minus .npz>.captions.json, written first.
-    """
-    for (_, stop), (start, _) in zip(bounds, bounds[1:]):
-        if stop != start:  # two runs wrote into one folder at once
-            raise UsageError(f"shards in {shard_dir} overlap or leave a gap at sample {min(stop, start)}; "
-                             "remove the overlapping ones and re-run")
-    first = read_shard(shard_path(shard_dir, *bounds[0]), *bounds[0])[0]
-    n = bounds[-1][1]
-    shape = (n,) + rgb(first[:1]).shape[1:]  # (N, H, W, 3)
-    records = [read_shard(shard_path(shard_dir, *b), *b)[1:] for b in bounds]
-    labels = np.concatenate([labels for labels, _ in records])
-    if records[0][1] is not None:
-        captions = [c for _, shard_captions in records for c in shard_captions]
-        listing = [{"index": i, "image_id": int(image_id), "caption": caption}
-                   for i, (image_id, caption) in enumerate(zip(labels.tolist(), captions))]
-        atomic_write(out[:-len(".npz")] + ".captions.json",
-                     lambda f: f.write(json.dumps(listing, indent=0, ensure_ascii=False).encode()))
-    pieces = (rgb(read_shard(shard_path(shard_dir, *b), *b)[0]) for b in bounds)
-    atomic_write(out, lambda f: write_npz(f, {"arr_1": labels.astype(np.int64)},
-                                          chunks={"arr_0": (np.uint8, shape, pieces)}))
-    return out
 
 
 def build_parser():

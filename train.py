@@ -18,7 +18,7 @@ plain single process. Every global batch is the same whatever the world size: th
 over ranks, and the timesteps, noise and label dropout of a step are drawn for the whole global batch from a
 generator seeded by (global seed, step), each rank taking its own samples. So 2 ranks x B match 1 rank x 2B,
 and a resumed run continues bit for bit. Text models (TextDiT-*, MS-COCO, App. C): each image's caption is drawn
-per step from a stream of (global seed, step) for the whole global batch (models/caption_conditioning.py), encoded
+per step from a stream of (global seed, step) for the whole global batch (imagedata/caption_conditioning.py), encoded
 on the fly by the frozen CLIP --text-encoder; the label drops become caption drops to the learned null caption.
 
 Outputs in <results-dir>/<NNN>-<model>/ (model "DiT-S/2" -> "DiT-S-2") or <results-dir>/<--exp-name>/:
@@ -48,7 +48,6 @@ import json
 import math
 import os
 import sys
-from collections import OrderedDict
 from glob import glob
 
 import numpy as np
@@ -61,13 +60,14 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from diffusion import WEIGHTINGS, create_diffusion
+from foundation.flag_types import finite_float
+from foundation.usage_error import UsageError
 from imagedata import KINDS as DATA_KINDS
 from imagedata import ImageFileDataset, build_dataset
 from imagedata.image_folder import find_damaged_images
 from imagedata.latents import sample_posterior
 from imagedata.unreadable_images import BatchesAhead, ReportUnreadable
-from launch.cli import (RunFailure, UsageError, check_on_every_rank, finite_float, make_output_dir, run_command,
-                        write_on_rank_zero)
+from launch.cli import (RunFailure, check_on_every_rank, make_output_dir, run_command, write_on_rank_zero)
 from launch.model_args import add_model_arg
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
 from launch.process_group import (add_launch_arguments, cleanup_distributed, default_num_workers, describe_distributed,
@@ -77,6 +77,7 @@ from models import model_config as model_config_of
 from models.routing import NUM_TIMESTEPS
 from models.vae import LATENT_SCALE, NO_VAE, load_vae
 from monitoring.tensorboard_log import tensorboard_available
+from monitoring.training_log import LossLog, close_logger, create_logger, truncate_metrics
 from monitoring.training_monitor import TrainingMonitor
 from storage.checkpoint import (TrainingState, check_resume_compatible, read_training_checkpoint,
                                 restore_training_state, save_checkpoint, training_checkpoint)
@@ -85,7 +86,7 @@ from storage.rng_state import capture_rng_state, gather_rng_states, restore_rng_
 from storage.run_folder import prune_checkpoints, resolve_run
 from storage.run_lock import RunFolderLock
 from storage.run_record import write_run_record
-from storage.training_log import LossLog, close_logger, create_logger, truncate_metrics
+from training.ema import requires_grad, update_ema
 
 # Constructor arguments train.py sets itself (from the data or a flag); --model-arg may not set them.
 MODEL_ARGS_SET_BY_TRAIN = {"input_size": "--image-size and the data", "in_channels": "the data",
@@ -99,23 +100,6 @@ NOISE_SCHEDULES = ("squaredcos_cap_v2", "cosine", "linear")  # cosine = squaredc
 #################################################################################
 #                             Training Helper Functions                         #
 #################################################################################
-
-@torch.no_grad()
-def update_ema(ema_model, model, decay=0.9999):
-    """Step the EMA of the parameters towards the current model (App. C: EMA over parameters)."""
-    ema_params = OrderedDict(ema_model.named_parameters())
-    pairs = [(ema_params[name], param.detach()) for name, param in model.named_parameters()]
-    ema_list, param_list = [e for e, _ in pairs], [p for _, p in pairs]
-    # official DiT's ema.mul_(decay).add_(param, alpha=1 - decay), batched over all tensors at once
-    torch._foreach_mul_(ema_list, decay)
-    torch._foreach_add_(ema_list, param_list, alpha=1 - decay)
-
-
-def requires_grad(model, flag=True):
-    """Set requires_grad for every parameter of a model."""
-    for p in model.parameters():
-        p.requires_grad = flag
-
 
 def step_generator(global_seed, step, device):
     """Generator for one training step, seeded by (global_seed, step) only: no state to checkpoint."""
@@ -165,7 +149,7 @@ def is_text_model(name):
 
 def load_text_conditioning(args, dataset, device):
     """The COCO captions of the training images and the frozen CLIP encoder (text models only)."""
-    from models.caption_conditioning import CaptionConditioning  # transformers only for text models
+    from imagedata.caption_conditioning import CaptionConditioning  # transformers only for text models
     try:
         return CaptionConditioning.for_training(args.text_encoder, args.captions, dataset,
                                                 args.feature_path or args.data_path, device)

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from diffusion import create_diffusion
+from foundation.atomic_file import atomic_write
+from foundation.usage_error import UsageError
 from imagedata import LatentFeatureDataset, build_dataset
-from launch.cli import UsageError, run_command
-from storage.atomic_file import atomic_write
-from storage.checkpoint import load_checkpoint
+from launch.cli import run_command
+from sampling.model_from_checkpoint import load_checkpoint
 
 
 #################################################################################

@@ -3,7 +3,7 @@
     python -m analysis.cost --models DiT-S/2 DiT-B/2 --batch-size 4 --out cost.md    # measured on this machine
 
 DTR adds no parameters and only a mask multiply per block, so its FLOPs equal the vanilla model's; what it can
-cost is wall time. Training steps are train.py's (benchmarks/train_throughput.py: forward + loss, backward, AdamW,
+cost is wall time. Training steps are train.py's (training/step_cost.py: forward + loss, backward, AdamW,
 EMA); the vanilla and DTR steps alternate round by round and the fastest round of each is reported, so load from
 other processes on a shared machine hits both alike; the range of the per-round ratio is printed beside it. FLOPs are FlopCounterMode's (a multiply-add counts 2).
 """
@@ -14,10 +14,12 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from benchmarks.train_throughput import build_training_step, forward_flops, timed
-from launch.cli import UsageError, finite_float, run_command
+from foundation.atomic_file import atomic_write
+from foundation.flag_types import finite_float
+from foundation.usage_error import UsageError
+from launch.cli import run_command
 from models import DiT_models, create_model, model_names
-from storage.atomic_file import atomic_write
+from training.step_cost import build_training_step, forward_flops, timed
 
 MIN_WARMUP = 1  # untimed steps per model: the first one allocates, picks kernels and warms caches
 MIN_ROUNDS = 3  # timed steps per model: the fastest of fewer says nothing about a few-percent difference

@@ -11,9 +11,11 @@ import os
 
 import numpy as np
 
-from launch.cli import UsageError, finite_float, run_command
+from foundation.atomic_file import atomic_write
+from foundation.flag_types import finite_float
+from foundation.usage_error import UsageError
+from launch.cli import run_command
 from models.routing import ROUTING_KINDS, build_masks, validate_routing
-from storage.atomic_file import atomic_write
 
 ALPHA_FREE_KINDS = ("none", "random", "ercdt")  # kinds whose table does not depend on alpha
 BETA_FREE_KINDS = ("none", "ercdt")  # ... nor on beta (ercdt's split is fixed by Appendix F)

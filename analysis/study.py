@@ -3,11 +3,11 @@
     python -m analysis.study --out study-results --size small --seeds 0 1 2 --steps 400 --eval-every 100
 
 Every (routing, seed) run is one train.py process (pixel space; the same seed, data order, noise and budget for
-every routing) that checkpoints every --eval-every steps. Each checkpoint's EMA model is sampled by sample_ddp.py's
-main with fixed sampling seeds and scored in this process with the evaluator's Inception features against one fixed
-reference, a seeded subset of the t10k (test) split (FID only, as Table 1; computed exactly through an (n, n)
-eigenproblem, since a 2048 x 2048 sqrtm per checkpoint would cost more than the sampling on one CPU core). Runs go
-seed by seed, so a study cut short still holds whole seeds. <out>/results.json keeps every number and timing;
+every routing) that checkpoints every --eval-every steps. Each checkpoint's EMA model is sampled in this process as
+sample_ddp.py samples it (sampling.seeded, fixed sampling seeds) and scored with the evaluator's Inception features
+against one fixed reference, a seeded subset of the t10k (test) split (FID only, as Table 1; computed exactly
+through an (n, n) eigenproblem, since a 2048 x 2048 sqrtm per checkpoint would cost more than the sampling on one
+CPU core). Runs go seed by seed, so a study cut short still holds whole seeds. <out>/results.json keeps every number and timing;
 re-running the same command skips finished runs and evaluations and continues an interrupted training from its
 last checkpoint; other --seeds or --routings add runs. After each run it rewrites <out>/convergence.png (FID
 against step, mean and min-max over seeds, as Fig. 5) and <out>/table.md (final FID as Table 1, FID per step,
@@ -25,12 +25,17 @@ from collections import deque
 
 import numpy as np
 
-import sample_ddp
+from diffusion import create_diffusion
 from evaluations.metrics import frechet_distance_of_features
+from foundation.atomic_file import atomic_write
+from foundation.flag_types import finite_float
+from foundation.usage_error import UsageError
 from imagedata.fashion_mnist import fashion_mnist_files
-from launch.cli import UsageError, finite_float, run_command
-from sampling.seeded import SAMPLERS
-from storage.atomic_file import atomic_write
+from launch.cli import run_command
+from models.vae import NO_VAE, load_vae
+from sampling.model_from_checkpoint import load_checkpoint
+from sampling.sample_shards import rgb, write_npz
+from sampling.seeded import SAMPLERS, class_labels, generate, timestep_respacing, to_uint8
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -66,15 +71,6 @@ def train_command(settings, routing, seed, results_dir, resume=None):
     if resume is not None:
         cmd += ["--resume", resume]
     return cmd
-
-
-def sample_arguments(settings, checkpoint, sample_dir):
-    """sample_ddp.py's argv for the FID samples of one checkpoint: classes balanced, the same seed for all."""
-    n = settings["num_fid_samples"]
-    return ["--ckpt", checkpoint, "--sample-dir", sample_dir, "--num-fid-samples", str(n),
-            "--sampler", settings["sampler"], "--num-sampling-steps", str(settings["sampling_steps"]),
-            "--cfg-scale", str(settings["cfg_scale"]), "--balanced-classes", "--global-seed",
-            str(settings["sample_seed"]), "--shard-size", str(n), "--per-proc-batch-size", str(min(n, 100))]
 
 
 def reference_command(settings, output):
@@ -152,17 +148,34 @@ class CheckpointScorer:
         return {"FID": frechet_distance_of_features(features["pool_3"], self.ref["mu"], self.ref["sigma"])}
 
 
+def sample_checkpoint(settings, checkpoint, out):
+    """One checkpoint's FID samples as sample_ddp.py draws them (its EMA model, classes balanced, one seed for all,
+    batches of up to 100), in this process, written as the evaluator's .npz at `out`."""
+    model, info = load_checkpoint(checkpoint)
+    respacing = timestep_respacing(settings["sampler"], settings["sampling_steps"])
+    diffusion = create_diffusion(**{**info.diffusion_config, "timestep_respacing": respacing})
+    vae = None if info.vae == NO_VAE else load_vae(info.vae, "cpu")
+    n, batch, seed = settings["num_fid_samples"], min(settings["num_fid_samples"], 100), settings["sample_seed"]
+    images, labels = [], []
+    for first in range(0, n, batch):
+        indices = list(range(first, min(first + batch, n)))
+        y = class_labels(indices, model.num_classes, seed, balanced=True)
+        samples = generate(model, diffusion, settings["sampler"], indices, y, seed, settings["cfg_scale"],
+                           clip_denoised=vae is None)
+        images.append(rgb(to_uint8(samples, vae, info.latent_scale)))  # (B, H, W, 3)
+        labels.append(y.numpy())
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    atomic_write(out, lambda f: write_npz(f, {"arr_0": np.concatenate(images), "arr_1": np.concatenate(labels)}))
+    return out
+
+
 def evaluate_checkpoint(settings, checkpoint, step, run_dir, scorer):
-    """Sample one checkpoint (sample_ddp.main in this process) and score it: (metrics, sample s, evaluate s)."""
-    sample_dir = os.path.join(run_dir, "samples", f"{step:07d}")
+    """Sample one checkpoint and score it: (metrics, sample s, evaluate s)."""
     start = time.time()
-    sample_ddp.main(sample_ddp.build_parser().parse_args(sample_arguments(settings, checkpoint, sample_dir)))
+    npz = sample_checkpoint(settings, checkpoint, os.path.join(run_dir, "samples", f"{step:07d}.npz"))
     sample_seconds = time.time() - start
-    npz = sorted(glob.glob(os.path.join(sample_dir, "*.npz")))
-    if len(npz) != 1:
-        raise RuntimeError(f"expected one sample .npz in {sample_dir}, found {npz}")
     start = time.time()
-    metrics = scorer.fid(npz[0])
+    metrics = scorer.fid(npz)
     return metrics, sample_seconds, time.time() - start
 
 

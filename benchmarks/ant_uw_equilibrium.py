@@ -1,7 +1,7 @@
 """
 Where ANT-UW's log-variances settle on one fixed batch: the release's objective against Kendall et al.'s literal one.
 
-    python benchmarks/ant_uw_equilibrium.py                    # cosine schedule, 256 samples, 4000 Adam steps
+    python -m benchmarks.ant_uw_equilibrium                    # cosine schedule, 256 samples, 4000 Adam steps
 
 The batch: x0 ~ N(0, 0.5^2) latents (4x8x8), stratified timesteps over 8 clusters, and the Bayes-optimal
 epsilon predictor for that data (variance output 0, i.e. mid-range), so each cluster's loss is a fixed
@@ -13,14 +13,11 @@ Reports exp(s_k) and the weight 0.5 exp(-s_k) / K each cluster's loss gets in th
 """
 import argparse
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-from diffusion import create_diffusion  # noqa: E402
-from launch.cli import finite_float  # noqa: E402
+from diffusion import create_diffusion
+from foundation.flag_types import finite_float
 
 
 #################################################################################

@@ -1,19 +1,16 @@
 """Evaluation cost on this machine: Inception feature throughput and precision/recall memory at 10K x 10K.
 
-python benchmarks/evaluation_speed.py --num-images 32 --pr-points 10000
+python -m benchmarks.evaluation_speed --num-images 32 --pr-points 10000
 """
 import argparse
-import os
 import resource
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-from evaluations.inception import InceptionFeatures  # noqa: E402
-from evaluations.metrics import precision_recall  # noqa: E402
+from evaluations.inception import InceptionFeatures
+from evaluations.metrics import precision_recall
 
 
 def peak_rss_mib():

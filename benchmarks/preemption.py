@@ -1,7 +1,7 @@
 """
 How fast a preempted train.py gets out, and what --keep-last keeps on disk (issue: runs that survive clusters).
 
-    python benchmarks/preemption.py --model DiT-S/2 --batch-size 32 --threads 2
+    python -m benchmarks.preemption --model DiT-S/2 --batch-size 32 --threads 2
 
 1. SIGTERM latency: train.py runs DiT-S/2 in pixel space on 32x32 Fashion-MNIST (256 tokens, the token count of
    a 256px latent model) until two steps are logged; then SIGTERM, and the time until the process has exited:

@@ -1,6 +1,6 @@
 """Sampling throughput (images/s) of DDPM-250 and DDIM-50, with and without CFG, for a tiny DiT and DiT-S/2.
 
-    python benchmarks/sampling_throughput.py --models tiny DiT-S/2 --batch-size 8 --measure-steps 3
+    python -m benchmarks.sampling_throughput --models tiny DiT-S/2 --batch-size 8 --measure-steps 3
 
 Runs the real sampling path (sampling.seeded.generate: per-sample noise, CFG wrapper, DDPM/DDIM step)
 for --measure-steps steps and extrapolates to the full step count (model cost per step is the same
@@ -8,16 +8,13 @@ at every step); the printed numbers are labelled "extrapolated". The VAE decode 
 is not included. Random weights: speed does not depend on them.
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from diffusion import create_diffusion  # noqa: E402
-from models import DiT, create_model  # noqa: E402
-from sampling.seeded import class_labels, generate  # noqa: E402
+from diffusion import create_diffusion
+from models import DiT, create_model
+from sampling.seeded import class_labels, generate
 
 
 def build(name):

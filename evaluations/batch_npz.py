@@ -4,7 +4,7 @@ import zipfile
 
 import numpy as np
 
-from storage.atomic_file import atomic_write
+from foundation.atomic_file import atomic_write
 
 POOL_DIM, SPATIAL_DIM = 2048, 2023  # pool_3 and sFID features (17 * 17 * 7)
 STATISTIC_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM),

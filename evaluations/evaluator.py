@@ -12,11 +12,12 @@ import warnings
 import numpy as np
 import torch
 
-from launch.cli import UsageError, check_writable, make_output_dir, run_command
-from storage.atomic_file import atomic_write_json
 from evaluations.batch_npz import image_size_of, read_batch, write_npz_atomic
 from evaluations.inception import InceptionFeatures
 from evaluations.metrics import feature_statistics, frechet_distance_of_features, inception_score, precision_recall
+from foundation.atomic_file import atomic_write_json
+from foundation.usage_error import UsageError
+from launch.cli import check_writable, make_output_dir, run_command
 
 METRIC_NAMES = ("Inception Score", "FID", "sFID", "Precision", "Recall")
 

@@ -16,12 +16,13 @@ from PIL import Image
 
 from evaluations.batch_npz import as_rgb_images, write_npz_atomic
 from evaluations.evaluator import inference_device, load_inception
-from launch.cli import UsageError, check_writable, make_output_dir, run_command
+from evaluations.metrics import feature_statistics
+from foundation.usage_error import UsageError
 from imagedata.center_crop import center_crop_arr
 from imagedata.coco import coco_image_dataset
 from imagedata.fashion_mnist import fashion_mnist_files, read_idx
 from imagedata.image_folder import list_images, load_rgb
-from evaluations.metrics import feature_statistics
+from launch.cli import check_writable, make_output_dir, run_command
 
 
 def load_reference_images(dataset, data_path, image_size, num_images, seed, split="train", captions=None):

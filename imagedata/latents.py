@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from storage.atomic_file import atomic_write, atomic_write_json
+from foundation.atomic_file import atomic_write, atomic_write_json
 
 from .flip import SeededFlip
 

@@ -2,7 +2,9 @@
 
 Every script (train.py, sample.py, sample_ddp.py, extract_features.py, evaluations/*) uses this module:
 
-    from launch.cli import UsageError, check_writable, finite_float, make_output_dir, run_command
+    from foundation.usage_error import UsageError
+    from foundation.flag_types import finite_float
+    from launch.cli import check_writable, make_output_dir, run_command
 
     def main(args):
         if args.lr <= 0:                           # check everything before anything is written
@@ -39,12 +41,11 @@ Rules of the contract:
     exit code 1.
   * A file operation that fails later for lack of space or permission (OSError: no space left, read-only file
     system, permission denied, file too large) ends in one line `prog: error: PATH: reason`, exit code 1, on
-    the rank that hit it: the command was right, the disk was not. storage.atomic_file.atomic_write raises
+    the rank that hit it: the command was right, the disk was not. foundation.atomic_file.atomic_write raises
     such an OSError with the target path even where torch.save hides it.
 """
 import argparse
 import contextlib
-import math
 import os
 import signal
 import sys
@@ -52,36 +53,18 @@ import time
 
 import torch.distributed as dist
 
-from storage.atomic_file import DISK_ERRNOS
+from foundation.atomic_file import DISK_ERRNOS
+from foundation.usage_error import UsageError
 
 USAGE_EXIT_CODE = 2        # argparse's code for a bad command line
 ENVIRONMENT_EXIT_CODE = 1  # a valid command that the disk could not serve
 RANK_ZERO_GRACE_S = 10     # how long other ranks leave rank 0 to report a shared error
 
 
-class UsageError(ValueError):
-    """A mistake the user can fix on the command line; run_command prints `prog: error: <message>`, exits 2."""
-
-
 class RunFailure(RuntimeError):
     """A run that had to stop for a reason outside the command line (an image that cannot be decoded, a disk that
     is full), raised with the same message on every rank; run_command prints it once (rank 0), every rank
     exits 1. The message is one line and names the file."""
-
-
-#################################################################################
-#                                 argparse types                                #
-#################################################################################
-
-def finite_float(text):
-    """argparse type: a float that is neither nan nor +-inf (float('nan') parses, and poisons a run silently)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 #################################################################################

@@ -14,7 +14,8 @@ import re
 import torch
 import torch.distributed as dist
 
-from launch.cli import UsageError, finite_float
+from foundation.flag_types import finite_float
+from foundation.usage_error import UsageError
 
 DEVICES = ("auto", "cuda", "cpu")
 DEFAULT_TIMEOUT_MINUTES = 30  # longest collective wait: ranks at a barrier while rank 0 writes a 7 GB checkpoint

@@ -10,6 +10,7 @@ guided-diffusion (input_blocks / middle_block / output_blocks / out, time_embed,
 and routing adds no parameters.
 """
 import numbers
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -455,5 +456,6 @@ ADM_IMAGENET64 = dict(
     attention_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1, learn_sigma=True,
     resblock_updown=True, use_scale_shift_norm=True, use_new_attention_order=True, num_classes=1000,
 )
-# The zoo as constructor arguments (models.create_model builds them, with overrides).
-ADM_models = {"ADM-ImageNet64": ADM_IMAGENET64, "ADM-FFHQ64": {**ADM_IMAGENET64, "num_classes": 1}}
+# The zoo, called as official DiT's: ADM_models["ADM-FFHQ64"](model_channels=64) (keyword arguments override).
+ADM_models = {"ADM-ImageNet64": partial(ADM, **ADM_IMAGENET64),
+              "ADM-FFHQ64": partial(ADM, **{**ADM_IMAGENET64, "num_classes": 1})}

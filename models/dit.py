@@ -5,6 +5,7 @@ checkpoints (DiT-XL-2-256x256.pt, ...) load with strict=True. Routing masks are 
 non-persistent buffers and add no parameters.
 """
 import math
+from functools import partial
 
 import numpy as np
 import torch
@@ -359,10 +360,12 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #                                   DiT Configs                                 #
 #################################################################################
 
-# Official DiT's zoo as constructor arguments (models.create_model builds them, with overrides):
-# size -> (depth, hidden_size, num_heads), each with patch size 2, 4 or 8.
+# Official DiT's zoo: DiT_models["DiT-XL/2"](input_size=32, num_classes=1000) builds a model as in official DiT
+# (keyword arguments override the preset; models.create_model adds checks). size -> (depth, hidden_size, num_heads),
+# each with patch size 2, 4 or 8.
 DiT_SHAPES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 DiT_models = {
-    f"DiT-{size}/{patch_size}": dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size)
+    f"DiT-{size}/{patch_size}": partial(DiT, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                                        patch_size=patch_size)
     for size, (depth, hidden_size, num_heads) in DiT_SHAPES.items() for patch_size in (2, 4, 8)
 }

@@ -3,9 +3,10 @@
     model = create_model("DiT-B/2", routing="dtr")                     # a zoo entry
     model = create_model("ADM-FFHQ64", model_channels=64, routing="dtr")  # overrides replace any argument
     model = build_from_config(checkpoint["model_config"])              # what model_config(...) stored
+    model = DiT_models["DiT-XL/2"](input_size=32, num_classes=1000)    # official DiT's call, unchecked
 
-A family is a constructor plus its zoo of preset constructor arguments; a new backbone is one more row
-of MODEL_FAMILIES. Every model keeps its full constructor arguments in `model.config`, so
+A family is a constructor plus its zoo, official DiT's {name: callable taking keyword overrides}; a new
+backbone is one more row of MODEL_FAMILIES. Every model keeps its full constructor arguments in `model.config`, so
 model_config(name, model) is all a checkpoint needs to rebuild it.
 """
 import inspect
@@ -19,9 +20,14 @@ from models.text_dit import TextDiT, TextDiT_models
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """A backbone class and its zoo: {name: preset constructor arguments}."""
+    """A backbone class and its zoo: {name: functools.partial(constructor, **preset arguments)}."""
     constructor: type
-    presets: dict
+    zoo: dict
+
+    @property
+    def presets(self):
+        """{name: the preset constructor arguments of that zoo entry}."""
+        return {name: dict(entry.keywords) for name, entry in self.zoo.items()}
 
     def arguments(self):
         """Names of the constructor's keyword arguments (what overrides may set)."""
@@ -39,13 +45,13 @@ LEGACY_NAMES = {"DiT-custom": "DiT", "custom": "DiT"}
 
 def model_names():
     """Every zoo name, family by family."""
-    return [name for family in MODEL_FAMILIES.values() for name in family.presets]
+    return [name for family in MODEL_FAMILIES.values() for name in family.zoo]
 
 
 def family_of(name):
     """The ModelFamily that holds zoo name `name`; ValueError listing the valid names otherwise."""
     for family in MODEL_FAMILIES.values():
-        if name in family.presets:
+        if name in family.zoo:
             return family
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(model_names())}")
 
@@ -103,7 +109,7 @@ def create_model(name, **overrides):
     """Build zoo model `name`, overrides replacing any of its constructor arguments."""
     check_overrides(name, overrides)
     family = family_of(name)
-    return family.constructor(**{**family.presets[name], **overrides})
+    return family.zoo[name](**overrides)
 
 
 def model_config(name, model):

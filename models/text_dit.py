@@ -17,6 +17,8 @@ Choices the paper leaves open (the figure only sketches the block):
   it is trained by the same caption dropout (p = 0.1) that DiT uses for labels. Its tokens are all
   attended (a dropped caption's padding mask is replaced by all ones).
 """
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -239,10 +241,11 @@ class TextDiT(nn.Module):
 #################################################################################
 #                                 Text DiT Configs                              #
 #################################################################################
-# The official DiT zoo shapes (depth, hidden size, heads) with patch size 2, 4 or 8, as constructor
-# arguments: models.create_model("TextDiT-B/2", routing="dtr") builds them (models/registry.py).
+# The official DiT zoo shapes (depth, hidden size, heads) with patch size 2, 4 or 8, called as official DiT's:
+# TextDiT_models["TextDiT-B/2"](context_dim=768) (models.create_model("TextDiT-B/2", routing="dtr") adds checks).
 
 TextDiT_models = {
-    f"TextDiT-{size}/{patch_size}": dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size)
+    f"TextDiT-{size}/{patch_size}": partial(TextDiT, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                                            patch_size=patch_size)
     for size, (depth, hidden_size, num_heads) in DiT_SHAPES.items() for patch_size in (2, 4, 8)
 }

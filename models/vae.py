@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 
 LATENT_SCALE = 0.18215       # SD VAE latent scale (LDM / official DiT: encode * 0.18215, decode(z / 0.18215))
 LATENT_DOWNSAMPLE = 8        # SD VAE: 256x256x3 -> 32x32x4

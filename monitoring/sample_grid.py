@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from diffusion import create_diffusion
+from foundation.atomic_file import atomic_write
 from models.vae import LATENT_SCALE
 from sampling.seeded import class_labels, generate, resolve_cfg_scale, to_uint8
-from storage.atomic_file import atomic_write
 
 GRID_SAMPLES = 16  # a 4 x 4 grid
 GRID_STEPS = 50    # DDIM steps: enough to see structure, cheap next to thousands of training steps

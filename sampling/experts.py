@@ -6,9 +6,9 @@ sample goes to the expert whose [LO, HI] holds its (original-scale) timestep t. 
 import torch
 from torch import nn
 
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 from models.routing import NUM_TIMESTEPS
-from storage.checkpoint import load_checkpoint
+from sampling.model_from_checkpoint import load_checkpoint
 
 # Settings every expert must share: they denoise the same x_t of the same diffusion
 SHARED_SETTINGS = ("image_size", "vae", "latent_scale", "diffusion_config")

@@ -15,11 +15,12 @@ from diffusion import create_diffusion
 from diffusion.dpm_solver import dpm_solver_pp_sample_loop
 from diffusion.guidance import ClassifierFreeGuidance
 from diffusion.respace import space_timesteps
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 from models.routing import NUM_TIMESTEPS
 from models.vae import LATENT_SCALE, decode, load_vae
+from sampling.checkpoint_flags import checkpoint_flags
 from sampling.experts import check_lone_expert, load_experts
-from storage.checkpoint import checkpoint_flags, load_checkpoint
+from sampling.model_from_checkpoint import load_checkpoint
 
 
 # --sampler choices: ancestral DDPM (the paper's protocol), DDIM (eta = 0), DPM-Solver++(2M) (diffusion/dpm_solver.py)
@@ -205,7 +206,7 @@ def load_for_sampling(args, device, default_cfg_scale):
 
 def load_text_conditioning(settings, model, device, captions_path=None):
     """The frozen CLIP encoder a text model was trained with (checkpoint's text_encoder, or --text-encoder)."""
-    from models.caption_conditioning import CaptionConditioning  # transformers only for text models
+    from imagedata.caption_conditioning import CaptionConditioning  # transformers only for text models
     try:
         conditioning = CaptionConditioning.load(settings.text_encoder, captions_path, max_length=model.max_text_len,
                                                 device=device)

@@ -23,7 +23,7 @@ import typing
 
 import torch
 
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 
 # Every class an OmegaConf container pickles as (omegaconf 2.0 - 2.3), by the name the pickle uses.
 OMEGACONF_CLASSES = (

@@ -4,7 +4,7 @@ torch.save writes a zip archive. zipfile and torch.load check only its end (the 
 damaged in the middle (a bad sector, a copy gone wrong) loads silently as wrong weights. write_sealed hashes
 the bytes as torch.save streams them and stores the digest in the archive's comment, a field of zip's end
 record that every zip reader (torch.load, zipfile, unzip) skips: the file stays an ordinary torch.save file,
-and the checksum is part of the one atomic write (storage/atomic_file.py), never a file of its own that could
+and the checksum is part of the one atomic write (foundation/atomic_file.py), never a file of its own that could
 be lost or go stale. The digest covers every byte torch.save wrote (its end record as written, with an
 empty comment), so any damage anywhere in the file shows.
 

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 
 # What train.py --resume reads (train.py's docstring lists every key; "loss_log", "scaler", "dataset" and the
 # text keys are optional: older checkpoints, fp32 runs, class-conditional models).

@@ -10,7 +10,7 @@ file system rather than in a home directory's small quota. --pretrained-dir or D
 Mirror: --pretrained-url or DTR_PRETRAINED_URL is a base URL under which the files sit by name
 ({base}/DiT-XL-2-256x256.pt); by default each file comes from where its authors published it.
 
-A download streams into a temp file beside its target (storage/atomic_file.py) while its SHA-256 is computed;
+A download streams into a temp file beside its target (foundation/atomic_file.py) while its SHA-256 is computed;
 only a complete file (Content-Length reached, HTTP's own framing intact, the first bytes of a torch.save
 file) whose hash matches the table is renamed into place, so an interrupted or corrupt transfer leaves nothing behind. Concurrent processes (the
 ranks of a torchrun job) take turns on the cache folder (flock), so the file is fetched once.
@@ -29,8 +29,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from launch.cli import UsageError, make_output_dir
-from storage.atomic_file import atomic_write
+from foundation.atomic_file import atomic_write
+from foundation.usage_error import UsageError
+from launch.cli import make_output_dir
 
 CACHE_DIR_ENV, MIRROR_ENV = "DTR_PRETRAINED_DIR", "DTR_PRETRAINED_URL"
 DEFAULT_CACHE_DIR = "pretrained_models"  # official DiT's folder

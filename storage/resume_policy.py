@@ -8,7 +8,7 @@ model group (the optimizer state would otherwise silently restore the old one) a
 model, routing and diffusion (loss weighting) are checked against the checkpoint's configs elsewhere.
 """
 
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 
 # argparse dest -> flag, for the settings a resume must keep
 FIXED_ON_RESUME = {"global_batch_size": "--global-batch-size", "global_seed": "--global-seed",

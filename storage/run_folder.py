@@ -3,7 +3,7 @@
 <results-dir>/NAME with --exp-name NAME (a requeued job finds its own folder again), otherwise official
 DiT's <results-dir>/NNN-<model>, numbered by an os.mkdir that fails if the name is taken, so two jobs
 started together never share a folder. Checkpoints are <run>/checkpoints/<step:07d>.pt, written through
-storage.atomic_file, so a file with that name is always complete; a kill during a save leaves a hidden
+foundation.atomic_file, so a file with that name is always complete; a kill during a save leaves a hidden
 .<step:07d>.pt.*.tmp sibling, removed at the next start. A run folder is held by one job at a time
 (storage/run_lock.py). --resume auto continues the newest checkpoint that is whole and matches its checksum
 (storage/checkpoint_integrity.py), saying which newer ones it skipped and why.
@@ -11,8 +11,8 @@ storage.atomic_file, so a file with that name is always complete; a kill during 
 import os
 import re
 
-from launch.cli import UsageError
-from storage.atomic_file import TEMP_FILE, writer_is_gone
+from foundation.atomic_file import TEMP_FILE, writer_is_gone
+from foundation.usage_error import UsageError
 from storage.checkpoint_integrity import integrity_problem
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")  # <step:07d>.pt (more digits past 9,999,999 steps)

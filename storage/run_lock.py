@@ -13,7 +13,7 @@ import os
 import socket
 import time
 
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 
 LOCK_NAME = "run.lock"
 

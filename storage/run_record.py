@@ -18,7 +18,7 @@ from importlib import metadata
 import torch
 import yaml
 
-from storage.atomic_file import atomic_write
+from foundation.atomic_file import atomic_write
 
 RUN_SPECIFIC_KEYS = ("config", "resume", "exp_name")  # a config.yaml must start a run anywhere
 KEY_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "diffusers", "transformers",

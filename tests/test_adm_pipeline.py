@@ -9,11 +9,11 @@ import torch
 import yaml
 from PIL import Image
 
+from models import ROUTING_KINDS, create_model
 import sample
 import sample_ddp
+from sampling.model_from_checkpoint import load_checkpoint
 import train
-from models import ROUTING_KINDS, create_model
-from storage.checkpoint import load_checkpoint
 
 TINY_ADM = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4],
                 num_head_channels=16, dropout=0.0)

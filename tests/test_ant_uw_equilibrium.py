@@ -1,12 +1,9 @@
 """Pins benchmarks/ant_uw_equilibrium.py: each objective's s_k settles at its closed-form equilibrium."""
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import ant_uw_equilibrium  # noqa: E402
+from benchmarks import ant_uw_equilibrium
 
 
 def test_release_settles_at_loss_over_k_and_kendall_at_loss():

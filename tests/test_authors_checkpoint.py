@@ -12,8 +12,8 @@ import sample
 from command_line import run_cli
 from models import create_model
 from models.routing import build_masks
+from sampling.model_from_checkpoint import load_checkpoint
 from storage.authors_checkpoint import load_with_omegaconf_config, release_settings
-from storage.checkpoint import load_checkpoint
 from test_extract_features import tiny_vae  # noqa: F401  (a local 2-level AutoencoderKL)
 
 omegaconf = pytest.importorskip("omegaconf")  # only to WRITE a genuine file; reading needs no omegaconf

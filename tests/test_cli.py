@@ -1,4 +1,4 @@
-"""launch/cli.py and storage/atomic_file.py: one-line errors with exit code 2, under torchrun too; honest writes."""
+"""launch/cli.py and foundation/atomic_file.py: one-line errors with exit code 2, under torchrun too; honest writes."""
 import argparse
 import errno
 import os
@@ -10,8 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from launch.cli import UsageError, check_on_every_rank, finite_float, make_output_dir
-from storage.atomic_file import atomic_write
+from foundation.atomic_file import atomic_write
+from foundation.flag_types import finite_float
+from foundation.usage_error import UsageError
+from launch.cli import check_on_every_rank, make_output_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = textwrap.dedent("""
     import argparse, os, sys
     import torch.distributed as dist
-    from launch.cli import UsageError, check_on_every_rank, finite_float, make_output_dir, run_command
+    from foundation.flag_types import finite_float
+    from foundation.usage_error import UsageError
+    from launch.cli import check_on_every_rank, make_output_dir, run_command
     from launch.process_group import setup_distributed
 
     def main(args):
@@ -140,7 +144,7 @@ def test_atomic_write_names_the_path_and_reason_when_the_disk_refuses_a_checkpoi
     # with ENOSPC; torch.save alone would say "[enforce fail at inline_container.cc] unexpected pos".
     code = textwrap.dedent(f"""
         import resource, torch
-        from storage.atomic_file import atomic_write
+        from foundation.atomic_file import atomic_write
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
         try:
             atomic_write({str(tmp_path / 'ckpt.pt')!r}, lambda f: torch.save({{"w": torch.zeros(1 << 16)}}, f))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import demo
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 from imagedata.fashion_mnist import FASHION_MNIST_CLASSES
 from models.routing import active_channels
 

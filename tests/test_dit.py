@@ -182,14 +182,17 @@ def official_parameter_count(depth, d, p, in_ch=4, size=32, classes=1000):
 
 
 @pytest.mark.parametrize("name", list(DiT_models))
-def test_zoo_parameter_counts_match_official(name):
+def test_zoo_built_the_official_way_has_official_parameter_counts(name):
     sizes = {"XL": (28, 1152), "L": (24, 1024), "B": (12, 768), "S": (12, 384)}
     family, patch = name[len("DiT-"):].split("/")
     with torch.device("meta"):  # counts only: no memory, no init cost
+        official = DiT_models[name](input_size=32, num_classes=1000)  # official DiT's train.py / sample.py call
         vanilla = create_model(name)
         routed = create_model(name, routing="dtr")
-    count = sum(p.numel() for p in vanilla.parameters())
+    count = sum(p.numel() for p in official.parameters())
     assert count == official_parameter_count(*sizes[family], int(patch))
+    assert official.config == vanilla.config  # the zoo callable and create_model build the same model
+    assert (len(official.blocks), official.config["hidden_size"], official.patch_size) == (*sizes[family], int(patch))
     assert sum(p.numel() for p in routed.parameters()) == count  # routing adds zero parameters
     published = {"DiT-XL/2": 675_129_632, "DiT-L/2": 458_102_816, "DiT-B/2": 130_512_416, "DiT-S/2": 32_963_360}
     if name in published:

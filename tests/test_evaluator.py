@@ -16,7 +16,8 @@ pytest.importorskip("torch_fidelity", reason="torch-fidelity (eval extra) is not
 from evaluations import evaluator  # noqa: E402
 from evaluations.inception import InceptionFeatures  # noqa: E402
 from evaluations.metrics import frechet_distance_of_features  # noqa: E402
-from launch.cli import UsageError, run_command  # noqa: E402
+from foundation.usage_error import UsageError  # noqa: E402
+from launch.cli import run_command  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import extract_features
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 from imagedata import build_dataset, read_manifest
 from models.vae import vae_name
 

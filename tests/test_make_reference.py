@@ -13,7 +13,7 @@ from PIL import Image
 
 from evaluations import make_reference
 from evaluations.batch_npz import read_batch
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -85,7 +85,8 @@ def test_readme_layout_table_names_every_top_level_file_and_folder():
     top_level = {path.split("/")[0] for path in tracked}
     with open(os.path.join(ROOT, "README.md")) as f:
         table = f.read().split("## Layout", 1)[1].split("\n## ", 1)[0]
-    named = {path.split("/")[0] for row in table.splitlines() if row.startswith("| `")
-             for path in re.findall(r"`([^`]+)`", row.split(" | ")[0])}
+    path_cells = [next(cell for cell in row.split("|")[1:3] if "`" in cell)  # | floor | path | what |
+                  for row in table.splitlines() if row.startswith("| ") and "`" in row.split("|")[2]]
+    named = {path.split("/")[0] for cell in path_cells for path in re.findall(r"`([^`]+)`", cell)}
     assert top_level - named == set(), "missing from README's layout table"
     assert named - top_level == set(), "in README's layout table but not in the repository"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 from launch.preemption import PreemptionFlag
 from float_comparison import intra_op_threads
 from test_train import TINY, images, load  # noqa: F401  (the module-scoped image folder fixture)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 from launch.process_group import default_num_workers, first_host, resolve_device, setup_distributed, slurm_environment
 from test_train import TINY, images, load  # noqa: F401  (the module-scoped image folder fixture)
 

@@ -1,10 +1,13 @@
 """Pins models/registry.py: every zoo name of every family builds, overrides replace any argument, configs rebuild."""
+from functools import partial
+
 import pytest
 import torch
 
-from models import ADM, DiT, MODEL_FAMILIES, build_from_config, create_model, model_config, model_names
+from models import (ADM, ADM_models, DiT, DiT_models, MODEL_FAMILIES, TextDiT_models, build_from_config, create_model,
+                    model_config, model_names)
 from models.registry import ModelFamily
-from storage.checkpoint import load_checkpoint
+from sampling.model_from_checkpoint import load_checkpoint
 
 TINY_DIT = dict(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 TINY_ADM = dict(input_size=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
@@ -23,11 +26,15 @@ def randomize(model, seed=0):
 def test_every_zoo_name_builds_its_family_with_the_preset():
     names = model_names()
     assert len(names) == 26 and {"DiT-XL/2", "DiT-S/8", "ADM-ImageNet64", "ADM-FFHQ64", "TextDiT-B/2"} <= set(names)
+    zoos = {"DiT": DiT_models, "ADM": ADM_models, "TextDiT": TextDiT_models}  # official DiT's {name: callable}
     for name in names:
+        family_name, family = next((k, f) for k, f in MODEL_FAMILIES.items() if name in f.presets)
+        override = {"DiT": {"num_classes": 7}, "ADM": {"input_size": 32}, "TextDiT": {"context_dim": 16}}[family_name]
         with torch.device("meta"):
             model = create_model(name)
-        family = next(f for f in MODEL_FAMILIES.values() if name in f.presets)
+            called = zoos[family_name][name](**override)  # keyword arguments override the preset, as in official DiT
         assert isinstance(model, family.constructor)
+        assert called.config == {**model.config, **override}
         assert {k: model.config[k] for k in family.presets[name]} == {
             k: tuple(v) if isinstance(v, list) else v for k, v in family.presets[name].items()}
 
@@ -126,7 +133,7 @@ def test_legacy_custom_dit_checkpoints_still_rebuild():
 
 
 def test_a_new_family_is_one_row_of_the_table(monkeypatch):
-    monkeypatch.setitem(MODEL_FAMILIES, "Toy", ModelFamily(DiT, {"Toy-1": dict(TINY_DIT, patch_size=4)}))
+    monkeypatch.setitem(MODEL_FAMILIES, "Toy", ModelFamily(DiT, {"Toy-1": partial(DiT, **TINY_DIT, patch_size=4)}))
     assert "Toy-1" in model_names()
     model = create_model("Toy-1", depth=1)
     assert len(model.blocks) == 1 and model.patch_size == 4

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import train
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 from storage.checkpoint import save_checkpoint
 from storage.checkpoint_integrity import content_checksum, integrity_problem, stored_checksum
 from storage.run_folder import (create_numbered_folder, newest_checkpoint, prune_checkpoints,

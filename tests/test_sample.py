@@ -14,7 +14,7 @@ from command_line import run_cli
 from diffusion import create_diffusion
 from diffusion.dpm_solver import dpm_solver_pp_sample_loop
 from diffusion.guidance import ClassifierFreeGuidance
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
 from models import DiT
 from sampling.seeded import PerSampleNoise
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import sample_ddp
-from launch.cli import UsageError
 from diffusion import create_diffusion
-from storage.checkpoint import load_checkpoint
+from foundation.usage_error import UsageError
 from models import DiT, create_model
+from sampling.model_from_checkpoint import load_checkpoint
 from sampling.seeded import (PerSampleNoise, class_labels, generate, model_function,
                              to_uint8)
 from float_comparison import intra_op_threads

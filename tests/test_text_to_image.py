@@ -10,16 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion import create_diffusion
 import sample
 import sample_ddp
 import train
-from diffusion import create_diffusion
 from float_comparison import intra_op_threads
-from launch.cli import UsageError
+from foundation.usage_error import UsageError
+from imagedata.caption_conditioning import CaptionConditioning
 from imagedata.coco import caption_uniforms, draw_captions, read_coco_captions
-from models.caption_conditioning import CaptionConditioning
+from sampling.model_from_checkpoint import load_checkpoint
 from sampling.seeded import generate, to_uint8, validation_captions
-from storage.checkpoint import load_checkpoint
 from tiny_clip import TINY_WIDTH
 from tiny_coco import write_tiny_coco
 

@@ -17,7 +17,8 @@ from PIL import Image
 import train
 from command_line import run_cli
 from float_comparison import intra_op_threads
-from launch.cli import UsageError, run_command
+from foundation.usage_error import UsageError
+from launch.cli import run_command
 from models import ROUTING_KINDS, build_from_config, model_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

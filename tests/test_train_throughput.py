@@ -1,16 +1,8 @@
 """benchmarks/train_throughput.py builds every backbone family by zoo name and reports routed vs unrouted steps."""
-import importlib.util
-import os
-
 import pytest
-import torch
 
+from benchmarks import train_throughput
 from models import create_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("train_throughput", os.path.join(ROOT, "benchmarks", "train_throughput.py"))
-train_throughput = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_throughput)
 
 
 @pytest.mark.parametrize("model, model_args, input_size", [

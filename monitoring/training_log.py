@@ -12,8 +12,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from foundation.atomic_file import atomic_write
 from monitoring.progress import console_handler, file_handler
-from storage.atomic_file import atomic_write
 
 
 def create_logger(logging_dir, rank):

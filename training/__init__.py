@@ -1,0 +1,1 @@
+"""Library pieces of train.py: the EMA, the cost of one training step."""
