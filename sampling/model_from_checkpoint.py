@@ -21,8 +21,9 @@ import torch
 
 from foundation.usage_error import UsageError
 from models import ADM, DiT, build_from_config, create_model, family_of
+from models.routing import TaskRouter
 from models.vae import LATENT_DOWNSAMPLE, LATENT_SCALE, vae_name
-from storage.authors_checkpoint import adopt_release_random_tables, carries_release_routing_tables, release_settings
+from storage.authors_checkpoint import carries_release_routing_tables, release_settings
 from storage.checkpoint import read_checkpoint
 
 
@@ -187,6 +188,26 @@ def label_layout(family, state_dict, num_classes):
     if family.constructor is ADM and table is not None and table.shape[0] == num_classes:
         return {"class_dropout_prob": 0.0}
     return {}
+
+
+def adopt_release_random_tables(model, state_dict):
+    """An R-TR model (routing "random") takes the mask tables a release file stores for each block; returns how many.
+
+    The release drew R-TR masks unseeded, so our seeded tables cannot match them: the stored ones are the model's.
+    Our own checkpoints store no tables (they are rebuilt from routing_seed), so their R-TR is left as built.
+    """
+    if model.config.get("routing") != "random" or not carries_release_routing_tables(state_dict):
+        return 0
+    adopted = 0
+    for name, module in model.named_modules():
+        key = f"{name}._unit_mapping"
+        if isinstance(module, TaskRouter) and key in state_dict:
+            try:
+                module.adopt_table(state_dict[key])
+            except ValueError as error:
+                raise UsageError(f"the checkpoint's R-TR masks {key}: {error}") from None
+            adopted += 1
+    return adopted
 
 
 def load_checkpoint(path, flags=None, use_model_weights=False):

@@ -132,28 +132,6 @@ def release_settings(config):
     }
 
 
-def adopt_release_random_tables(model, state_dict):
-    """An R-TR model (routing "random") takes the mask tables a release file stores for each block; returns how many.
-
-    The release drew R-TR masks unseeded, so our seeded tables cannot match them: the stored ones are the model's.
-    Our own checkpoints store no tables (they are rebuilt from routing_seed), so their R-TR is left as built.
-    """
-    from models.routing import TaskRouter  # models/ below storage/; only the router's type is needed
-
-    if model.config.get("routing") != "random" or not carries_release_routing_tables(state_dict):
-        return 0
-    adopted = 0
-    for name, module in model.named_modules():
-        key = f"{name}._unit_mapping"
-        if isinstance(module, TaskRouter) and key in state_dict:
-            try:
-                module.adopt_table(state_dict[key])
-            except ValueError as error:
-                raise UsageError(f"the checkpoint's R-TR masks {key}: {error}") from None
-            adopted += 1
-    return adopted
-
-
 def carries_release_routing_tables(state_dict):
     """The release's sign: its models store each block's mask table as blocks.{i}.routing._unit_mapping."""
     return any(key.endswith("routing._unit_mapping") for key in state_dict)

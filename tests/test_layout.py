@@ -13,6 +13,8 @@ FLOORS = {
     "analysis": 5, "benchmarks": 5,
 }
 SCRIPT_FLOOR = 4
+# Below-floor imports that are still out: storage reads and writes files and never builds a model.
+EXCLUDED = {"storage": {"models", "diffusion"}}
 SKIPPED = {"tests", "docs", "configs", "results", "data", "samples", "features"}
 
 
@@ -81,6 +83,8 @@ def test_imports_only_go_down_and_never_in_a_cycle():
     upward = sorted(f"{a} (floor {floor(a)}) -> {b} (floor {floor(b)})"
                     for a, targets in graph.items() for b in targets if floor(b) > floor(a))
     assert upward == []
+    excluded = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets & EXCLUDED.get(a, set()))
+    assert excluded == []
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
