@@ -67,7 +67,7 @@ from imagedata import ImageFileDataset, build_dataset
 from imagedata.image_folder import find_damaged_images
 from imagedata.latents import sample_posterior
 from imagedata.unreadable_images import BatchesAhead, ReportUnreadable
-from launch.cli import (RunFailure, check_on_every_rank, make_output_dir, run_command, write_on_rank_zero)
+from launch.cli import RunFailure, check_on_every_rank, make_output_dir, run_command, write_on_rank_zero
 from launch.model_args import add_model_arg
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
 from launch.process_group import (add_launch_arguments, cleanup_distributed, default_num_workers, describe_distributed,
