@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from storage.atomic_file import atomic_write
+from foundation.atomic_file import atomic_write
 from storage.checkpoint import read_checkpoint, save_checkpoint
 from storage.checkpoint_integrity import integrity_problem
 
