@@ -13,7 +13,7 @@ import torch
 from foundation.atomic_file import atomic_write
 from foundation.flag_types import finite_float
 from foundation.usage_error import UsageError
-from launch.cli import check_on_every_rank, make_output_dir
+from launch.cli import check_on_every_rank, make_output_dir, run_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,9 +66,6 @@ def test_usage_error_is_one_line_and_exit_code_2_and_a_bug_keeps_its_traceback(t
     result = toy(tmp_path, "--scale", "-1")
     assert result.returncode == 2
     assert result.stderr == "toy.py: error: --scale must be >= 0, got -1.0\n"
-    result = toy(tmp_path, "--scale", "nan")  # argparse's own errors: the same one line, no usage block first
-    assert (result.returncode, result.stderr) == (2, "toy.py: error: argument --scale: expected a finite number, "
-                                                     "got 'nan'\n")
     result = toy(tmp_path, "--bug")
     assert result.returncode == 1 and "Traceback" in result.stderr and "RuntimeError: a bug" in result.stderr
     assert not os.path.exists(tmp_path / "out")  # nothing written for a rejected command
@@ -82,6 +79,12 @@ def test_finite_float_is_rejected_by_argparse_itself_with_exit_code_2(capsys):
             parser.parse_args([f"--scale={value}"])
         assert stop.value.code == 2
         assert f"toy.py: error: argument --scale: expected a finite number, got '{value}'" in capsys.readouterr().err
+    for argv in (["--scale", "inf"], ["--nope"]):  # under run_command: one line, no usage block first
+        with pytest.raises(SystemExit) as stop:
+            run_command(lambda args: None, parser, lambda: parser.parse_args(argv))
+        assert stop.value.code == 2
+        assert capsys.readouterr().err == {"--nope": "toy.py: error: unrecognized arguments: --nope\n"}.get(
+            argv[0], "toy.py: error: argument --scale: expected a finite number, got 'inf'\n")
     assert parser.parse_args(["--scale", "1e-4"]).scale == 1e-4 and finite_float("-3") == -3.0
     assert isinstance(UsageError("x"), ValueError)  # callers catching ValueError keep working
     assert check_on_every_rank(lambda a, b=0: a + b, 2, b=3) == 5  # no process group: just the call
