@@ -70,12 +70,13 @@ class DownloadFailed(Exception):
 #################################################################################
 
 def released_name(model, image_size):
-    """File name of the released weights of (--model, --image-size), or None. Official DiT's defaults: DiT-XL/2, 256."""
-    model, image_size = model or "DiT-XL/2", image_size or 256
-    for name, entry in PRETRAINED.items():
-        if (entry.model, entry.image_size) == (model, image_size):
-            return name
-    return None
+    """File name of the released weights of --model at --image-size, or None. Official DiT's defaults: DiT-XL/2,
+    256 px; a model released at one size only (ADM-ImageNet64) needs no --image-size."""
+    matches = [name for name, entry in PRETRAINED.items()
+               if entry.model == (model or "DiT-XL/2") and image_size in (None, entry.image_size)]
+    if len(matches) > 1:
+        matches = [name for name in matches if PRETRAINED[name].image_size == 256]
+    return matches[0] if matches else None
 
 
 def add_pretrained_arguments(parser):
@@ -99,8 +100,9 @@ def use_pretrained(args):
         name = released_name(args.model, args.image_size)
         if name is None:
             released = ", ".join(f"{entry.model} at {entry.image_size} px" for entry in PRETRAINED.values())
-            raise UsageError(f"--ckpt is required: no released weights of --model {args.model or 'DiT-XL/2'} at "
-                             f"{args.image_size or 256} px (released: {released})")
+            size = f" at {args.image_size} px" if args.image_size is not None else ""
+            raise UsageError(f"--ckpt is required: no released weights of --model {args.model or 'DiT-XL/2'}{size} "
+                             f"(released: {released})")
         args.ckpt = [name]
     paths = [args.ckpt] if isinstance(args.ckpt, str) else list(args.ckpt)
     cache_dir = args.pretrained_dir or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR

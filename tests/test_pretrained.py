@@ -144,14 +144,17 @@ def test_official_names_and_defaults_map_to_the_released_files(tmp_path, monkeyp
     cache = tmp_path / "cache"
     for flags, name in ((["--model", "DiT-XL/2", "--image-size", "512"], "DiT-XL-2-512x512.pt"),
                         ([], "DiT-XL-2-256x256.pt"),  # official DiT's sample.py with no flags
-                        (["--ckpt", "64x64_diffusion.pt"], "64x64_diffusion.pt")):
+                        (["--ckpt", "64x64_diffusion.pt"], "64x64_diffusion.pt"),
+                        (["--model", "ADM-ImageNet64"], "64x64_diffusion.pt")):  # released at one size only
         code, stderr = run_cli(sample.main, sample.build_parser(), [*flags, "--pretrained-dir", cache,
                                                                     "--out", tmp_path / "x.png"], "sample.py")
         assert code == 2 and f"cannot download {name} from http://127.0.0.1:9/{name}" in stderr
         assert f"Download {PRETRAINED[name].url} to {cache / name} yourself" in stderr
     for flags, message in (
-            (["--model", "DiT-S/2"], "--ckpt is required: no released weights of --model DiT-S/2 at 256 px (released: "
+            (["--model", "DiT-S/2"], "--ckpt is required: no released weights of --model DiT-S/2 (released: "
                                      "DiT-XL/2 at 256 px, DiT-XL/2 at 512 px, ADM-ImageNet64 at 64 px)"),
+            (["--image-size", "128"], "--ckpt is required: no released weights of --model DiT-XL/2 at 128 px "
+                                      "(released: DiT-XL/2 at 256 px, DiT-XL/2 at 512 px, ADM-ImageNet64 at 64 px)"),
             (["--ckpt", "DiT-XL-2-512x512.pt", "--image-size", "256"],
              "--image-size 256 does not fit DiT-XL-2-512x512.pt, the released DiT-XL/2 at 512 px")):
         code, stderr = run_cli(sample.main, sample.build_parser(), [*flags, "--out", tmp_path / "x.png"], "sample.py")
