@@ -41,7 +41,7 @@ def describe(obj):
     if set(obj) <= {"ema", "model"} and obj:
         return f"a file of weights only ({', '.join(keys)})"
     shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
-    return f"a dict of {len(obj)} keys ({shown}), not a checkpoint of train.py"
+    return f"a dict with keys {shown}, not a checkpoint of train.py"
 
 
 def check_resumable(obj, path):

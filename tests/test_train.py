@@ -452,7 +452,7 @@ def test_resume_of_a_file_that_is_not_a_train_checkpoint_says_what_it_is_and_lac
     ckpt = load(f"{exp}/checkpoints/0000001.pt")
     one_weight_less = {**ckpt, "model": {k: v for k, v in ckpt["model"].items() if k != "pos_embed"}}
     files = {  # name: (content, what the line says after "cannot resume PATH: ")
-        "foo": ({"foo": 1}, "it is a dict of 1 keys (foo), not a checkpoint of train.py; resume needs a checkpoint "
+        "foo": ({"foo": 1}, "it is a dict with keys foo, not a checkpoint of train.py; resume needs a checkpoint "
                             "written by train.py; to sample from it, give it to sample.py --ckpt"),
         "raw": (ckpt["ema"], f"it is a raw state_dict ({len(ckpt['ema'])} tensors: weights only, like the released "
                              "DiT-XL-2-256x256.pt); resume needs a checkpoint written by train.py"),
