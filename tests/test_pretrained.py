@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import socket
 import threading
 
 import pytest
@@ -53,6 +54,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):  # keep the test output quiet
         pass
+
+
+def closed_port_url():
+    """A URL on 127.0.0.1 where nobody listens (a port just freed): what an offline machine answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(autouse=True)
@@ -115,7 +124,7 @@ def test_a_released_name_is_downloaded_once_checked_and_sampled(tmp_path, server
     ("offline", "Connection refused"),
 ])
 def test_a_failed_download_is_one_line_and_leaves_nothing(tmp_path, server, released, kind, reason):
-    mirror = "http://127.0.0.1:9" if kind == "offline" else server.url(kind)  # port 9 (discard): nobody listens
+    mirror = closed_port_url() if kind == "offline" else server.url(kind)
     cache = tmp_path / "cache"
     code, stderr = draw(tmp_path, "--ckpt", NAME, "--pretrained-dir", cache, "--pretrained-url", mirror)
     assert code == 2 and len(stderr.splitlines()) == 1
@@ -140,7 +149,8 @@ def test_without_a_published_hash_the_file_is_checked_for_format_and_its_hash_pr
 
 
 def test_official_names_and_defaults_map_to_the_released_files(tmp_path, monkeypatch):
-    monkeypatch.setenv(pretrained.MIRROR_ENV, "http://127.0.0.1:9")  # never the internet
+    offline = closed_port_url()
+    monkeypatch.setenv(pretrained.MIRROR_ENV, offline)  # never the internet
     cache = tmp_path / "cache"
     for flags, name in ((["--model", "DiT-XL/2", "--image-size", "512"], "DiT-XL-2-512x512.pt"),
                         ([], "DiT-XL-2-256x256.pt"),  # official DiT's sample.py with no flags
@@ -148,7 +158,7 @@ def test_official_names_and_defaults_map_to_the_released_files(tmp_path, monkeyp
                         (["--model", "ADM-ImageNet64"], "64x64_diffusion.pt")):  # released at one size only
         code, stderr = run_cli(sample.main, sample.build_parser(), [*flags, "--pretrained-dir", cache,
                                                                     "--out", tmp_path / "x.png"], "sample.py")
-        assert code == 2 and f"cannot download {name} from http://127.0.0.1:9/{name}" in stderr
+        assert code == 2 and f"cannot download {name} from {offline}/{name}" in stderr
         assert f"Download {PRETRAINED[name].url} to {cache / name} yourself" in stderr
     for flags, message in (
             (["--model", "DiT-S/2"], "--ckpt is required: no released weights of --model DiT-S/2 (released: "
