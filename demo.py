@@ -24,7 +24,6 @@ import time
 from collections import deque
 
 import numpy as np
-import yaml
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -33,6 +32,7 @@ from foundation.flag_types import finite_float
 from foundation.usage_error import UsageError
 from imagedata.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_files
 from launch.cli import make_output_dir, run_command
+from launch.yaml_config import read_config
 from models.routing import NUM_TIMESTEPS, build_masks
 from monitoring.training_log import read_metrics
 
@@ -339,11 +339,7 @@ def main(args):
     for flag in ("grid_cfg_scale", "fid_cfg_scale"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
-    try:
-        with open(args.config) as f:
-            config = {str(k).replace("-", "_"): v for k, v in (yaml.safe_load(f) or {}).items()}
-    except (OSError, yaml.YAMLError, AttributeError) as error:  # missing, unreadable, or not a mapping
-        raise UsageError(f"--config {args.config}: {getattr(error, 'strerror', None) or ' '.join(str(error).split())}") from None
+    config = read_config(args.config)  # train.py's own reading of the file (launch/yaml_config.py)
     routing = args.routing or config.get("routing", "dtr")
     steps = args.steps or config.get("max_steps")
     if steps is None:

@@ -11,6 +11,7 @@ Train a DiT or ADM, optionally with Denoising Task Routing, using PyTorch DDP (P
 --model takes every zoo name of models.create_model (DiT-S/2 ... DiT-XL/8, TextDiT-S/2 ... TextDiT-XL/8,
 ADM-ImageNet64, ADM-FFHQ64);
 --model-arg KEY=VALUE (or a config's model_args: mapping) overrides any constructor argument.
+The flags, the YAML --config beneath them and their checks are in training/flags.py.
 
 Defaults are the paper's setting: AdamW lr 1e-4 without weight decay, EMA 0.9999, random horizontal flip,
 cosine schedule over 1000 steps, learned sigma. Runs under torchrun or srun (nccl on GPU, gloo on CPU) or as a
@@ -42,10 +43,7 @@ A run folder is held by one job (storage/run_lock.py); checkpoints carry a SHA-2
 (storage/checkpoint_integrity.py); an image that fails to decode mid-run stops every rank after a checkpoint of the
 last good step, or is replaced under --skip-bad-images (imagedata/unreadable_images.py).
 """
-import argparse
 import copy
-import json
-import math
 import os
 import sys
 from glob import glob
@@ -53,30 +51,20 @@ from glob import glob
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
-from diffusion import WEIGHTINGS, create_diffusion
-from foundation.flag_types import finite_float
+from diffusion import create_diffusion
 from foundation.usage_error import UsageError
-from imagedata import KINDS as DATA_KINDS
-from imagedata import ImageFileDataset, build_dataset
-from imagedata.image_folder import find_damaged_images
 from imagedata.latents import sample_posterior
 from imagedata.unreadable_images import BatchesAhead, ReportUnreadable
 from launch.cli import RunFailure, check_on_every_rank, make_output_dir, run_command, write_on_rank_zero
-from launch.model_args import add_model_arg
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
-from launch.process_group import (add_launch_arguments, cleanup_distributed, default_num_workers, describe_distributed,
-                                  setup_distributed)
-from models import ROUTING_KINDS, TextDiT, check_overrides, create_model, family_of, model_names
+from launch.process_group import cleanup_distributed, describe_distributed, setup_distributed
+from models import create_model
 from models import model_config as model_config_of
-from models.routing import NUM_TIMESTEPS
 from models.vae import LATENT_SCALE, NO_VAE, load_vae
-from monitoring.tensorboard_log import tensorboard_available
 from monitoring.training_log import LossLog, close_logger, create_logger, truncate_metrics
 from monitoring.training_monitor import TrainingMonitor
 from storage.checkpoint import (TrainingState, check_resume_compatible, read_training_checkpoint,
@@ -86,15 +74,9 @@ from storage.rng_state import capture_rng_state, gather_rng_states, restore_rng_
 from storage.run_folder import prune_checkpoints, resolve_run
 from storage.run_lock import RunFolderLock
 from storage.run_record import write_run_record
+from training.data_checks import check_data_fits_model, open_dataset, unused_classes_warning
 from training.ema import requires_grad, update_ema
-
-# Constructor arguments train.py sets itself (from the data or a flag); --model-arg may not set them.
-MODEL_ARGS_SET_BY_TRAIN = {"input_size": "--image-size and the data", "in_channels": "the data",
-                           "num_classes": "--num-classes", "learn_sigma": "train.py (learned variances, as the paper)",
-                           "routing": "--routing", "alpha": "--alpha", "beta": "--beta",
-                           "routing_seed": "--routing-seed", "grad_checkpointing": "--grad-checkpointing",
-                           "context_dim": "--text-encoder", "max_text_len": "--text-encoder"}
-NOISE_SCHEDULES = ("squaredcos_cap_v2", "cosine", "linear")  # cosine = squaredcos_cap_v2 (ADM's / the release's name)
+from training.flags import build_parser, check_data_paths, is_text_model, model_overrides, parse_args, validate_args
 
 
 #################################################################################
@@ -123,11 +105,6 @@ def check_finite(first_bad_step, checkpoint_dir, world_size):
 #                               Model and Data Setup                            #
 #################################################################################
 
-def model_overrides(args):
-    """{constructor argument: value} from --model-arg KEY=VALUE (and a config's model_args); the last wins."""
-    return dict(args.model_args or {})
-
-
 def build_model(args, input_size, in_channels, num_classes, text_overrides=None):
     """The --model zoo entry with --model-arg overrides, sized to the data, routed as the flags say.
 
@@ -142,11 +119,6 @@ def build_model(args, input_size, in_channels, num_classes, text_overrides=None)
         raise UsageError(f"--model {args.model}: {error}") from None
 
 
-def is_text_model(name):
-    """Whether zoo name `name` is a text-to-image model (captions instead of class labels)."""
-    return family_of(name).constructor is TextDiT
-
-
 def load_text_conditioning(args, dataset, device):
     """The COCO captions of the training images and the frozen CLIP encoder (text models only)."""
     from imagedata.caption_conditioning import CaptionConditioning  # transformers only for text models
@@ -155,36 +127,6 @@ def load_text_conditioning(args, dataset, device):
                                                 args.feature_path or args.data_path, device)
     except (OSError, ValueError) as error:  # captions missing, not covering the data; encoder not found offline
         raise UsageError(str(error)) from None
-
-
-def check_data_fits_model(args, dataset):
-    """(input_size, in_channels): the model input implied by the data, or a clear error if they disagree."""
-    if len(dataset) < args.global_batch_size:
-        raise UsageError(f"dataset has {len(dataset)} samples, fewer than --global-batch-size "
-                         f"{args.global_batch_size}: not a single step per epoch")
-    if dataset.num_classes > args.num_classes:
-        raise UsageError(f"dataset has {dataset.num_classes} classes but --num-classes is {args.num_classes}")
-    channels, resolution = dataset.channels, dataset.resolution
-    if args.feature_path is not None:
-        if dataset.image_size != args.image_size:
-            raise UsageError(f"latents in {args.feature_path} were extracted from {dataset.image_size}px images "
-                             f"but --image-size is {args.image_size}")
-        return resolution, channels
-    if args.vae != NO_VAE:
-        raise UsageError("encoding images with a VAE on the fly is not supported: precompute latents with "
-                         "extract_features.py and pass --feature-path, or train in pixel space with --vae none")
-    if resolution != args.image_size:
-        raise UsageError(f"dataset yields {resolution}x{resolution} images but --image-size is {args.image_size}")
-    return resolution, channels
-
-
-def unused_classes_warning(args, dataset):
-    """A warning line when --num-classes exceeds the data's classes (legal, e.g. a config's 1000 on a small
-    folder: the extra label embeddings never train and samples of those classes are noise), else None."""
-    if is_text_model(args.model) or dataset.num_classes >= args.num_classes:
-        return None
-    return (f"Warning: --num-classes {args.num_classes} but the data ({args.data_path or args.feature_path}) has "
-            f"{dataset.num_classes} classes; classes {dataset.num_classes}..{args.num_classes - 1} never train")
 
 
 def diffusion_config_of(args):
@@ -235,6 +177,18 @@ def build_loader(dataset, sampler, epoch, position, local_batch_size, num_worker
 #################################################################################
 #                          Run Folder and Checkpoints                           #
 #################################################################################
+
+def locate_run(args, rank, lock=None):
+    """[run folder, checkpoint to resume, removed temp files, skipped checkpoints] on rank 0 (resolve_run)."""
+    if rank != 0:
+        return [None, None, [], []]
+    if args.resume in (None, "auto"):
+        make_output_dir(args.results_dir, "--results-dir")
+    try:
+        return list(resolve_run(args.results_dir, args.model.replace("/", "-"), args.exp_name, args.resume, lock))
+    except OSError as error:
+        raise UsageError(f"cannot prepare the run folder: {error.filename}: {error.strerror}") from None
+
 
 def open_run(args, state, dataset, rank, world_size, lock=None):
     """(experiment dir, checkpoint resumed or None, lines for log.txt): rank 0 takes the folder (lock) and picks
@@ -493,257 +447,5 @@ def train_step(state, ddp_model, diffusion, x, y, args, rank, world_size, autoca
     return loss.detach(), t, losses.detach()
 
 
-#################################################################################
-#                                    Arguments                                  #
-#################################################################################
-
-def build_parser():
-    """Command-line flags; names follow official DiT train.py, defaults are the paper's (App. C)."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--config", type=str, default=None,
-                        help="YAML file whose keys (flag names, - or _) set defaults; the command line wins")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data-path", type=str, default=None, help="image folders, flat folder or Fashion-MNIST IDX")
-    data.add_argument("--feature-path", type=str, default=None, help="latents written by extract_features.py")
-    data.add_argument("--data-kind", type=str, choices=DATA_KINDS, default="auto",
-                      help="how --data-path is laid out; auto-detected, but FFHQ's nested 00000/... folders need "
-                           "flat (one unconditional class), ImageNet's class folders are imagefolder")
-    data.add_argument("--image-size", type=int, default=256)
-    data.add_argument("--num-classes", type=int, default=1000, help="1 = unconditional (FFHQ)")
-    data.add_argument("--vae", type=str, default="ema",
-                      help="'none' trains on --data-path images in pixel space (required there: images are not "
-                           "encoded on the fly). With --feature-path the VAE named in the latents' manifest "
-                           "(extract_features.py --vae) is used and recorded in checkpoints; other values are ignored")
-    data.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False,
-                      help="an image that fails to decode mid-run is replaced by the next readable one (logged) "
-                           "instead of stopping the run after a checkpoint")
-    data.add_argument("--num-workers", type=int, default=default_num_workers(),
-                      help="data-loader processes per rank; default: 4 (official DiT), or the CPUs available if fewer")
-    data.add_argument("--captions", type=str, default=None,
-                      help="text models: MS-COCO captions_*.json of the training images (annotations/captions_train2014.json)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", type=str, choices=model_names(), default="DiT-XL/2")
-    add_model_arg(model, help="override a constructor argument of --model, e.g. hidden_size=64 or channel_mult=[1,2] "
-                              "(repeatable; VALUE is read as YAML; in a config: a model_args mapping)")
-    model.add_argument("--routing", type=str, choices=ROUTING_KINDS, default="none",
-                       help="none = vanilla; dtr = DTR (Sec. 4, as the authors' code); dtr-paper = Eq. 4 as printed; "
-                            "random = R-TR (Sec. 4.2); cdtr, ercdt = the clustered variants of App. F")
-    model.add_argument("--alpha", type=finite_float, default=4.0, help="DTR window shift exponent (Eq. 4)")
-    model.add_argument("--beta", type=finite_float, default=0.8, help="share of active channels per task")
-    model.add_argument("--routing-seed", type=int, default=0, help="seed of the R-TR masks")
-    model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    model.add_argument("--text-encoder", type=str, default="openai/clip-vit-large-patch14",
-                       help="text models: frozen CLIP text encoder, a hub name or a local directory (recorded in "
-                            "checkpoints)")
-    diff = parser.add_argument_group("diffusion")
-    diff.add_argument("--noise-schedule", type=str, choices=NOISE_SCHEDULES, default="squaredcos_cap_v2",
-                      help="squaredcos_cap_v2 or its other name cosine (paper); linear = official DiT")
-    diff.add_argument("--loss-weighting", type=str, choices=WEIGHTINGS, default="vanilla")
-    diff.add_argument("--timestep-range", type=int, nargs=2, metavar=("LO", "HI"), default=None,
-                      help="train on t in [LO, HI] only: one expert of the multi-experts baseline (Table 6)")
-    diff.add_argument("--snr-gamma", type=finite_float, default=5.0, help="Min-SNR gamma")
-    diff.add_argument("--p2-k", type=finite_float, default=1.0)
-    diff.add_argument("--p2-gamma", type=finite_float, default=1.0)
-    diff.add_argument("--ant-num-clusters", type=int, default=8, help="ANT-UW timestep clusters")
-    diff.add_argument("--ant-lr", type=finite_float, default=0.025, help="ANT-UW lr of the log-variances s_k")
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--results-dir", type=str, default="results")
-    optim.add_argument("--epochs", type=int, default=1400)
-    optim.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
-    optim.add_argument("--global-batch-size", type=int, default=256)
-    optim.add_argument("--global-seed", type=int, default=0)
-    optim.add_argument("--lr", type=finite_float, default=1e-4)
-    optim.add_argument("--ema-decay", type=finite_float, default=0.9999)
-    optim.add_argument("--mixed-precision", type=str, choices=["no", "bf16", "fp16"], default="no")
-    optim.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
-    optim.add_argument("--log-every", type=int, default=100)
-    optim.add_argument("--ckpt-every", type=int, default=50_000)
-    run = parser.add_argument_group("run folder and resume")
-    run.add_argument("--exp-name", type=str, default=None,
-                     help="run folder <results-dir>/NAME (default: a new <results-dir>/NNN-<model>)")
-    run.add_argument("--resume", type=str, default=None,
-                     help="checkpoint to continue (in its run folder), or 'auto': the newest complete checkpoint "
-                          "of --exp-name's folder, starting fresh if there is none (requeued jobs)")
-    run.add_argument("--keep-last", type=int, default=None,
-                     help="keep only the K newest checkpoints (default: keep all), plus --keep-every's milestones")
-    run.add_argument("--keep-every", type=int, default=None,
-                     help="with --keep-last: never delete checkpoints whose step is a multiple of this")
-    watch = parser.add_argument_group("monitoring")
-    watch.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
-                       help="TensorBoard scalars in <run>/tensorboard (needs the tensorboard extra)")
-    watch.add_argument("--sample-every", type=int, default=None,
-                       help="every N steps, a 4x4 grid of EMA samples (DDIM-50) in <run>/samples/<step>.png")
-    add_launch_arguments(parser)
-    return parser
-
-
-def config_to_argv(parser, path):
-    """YAML {key: value} -> flag tokens, so argparse type-checks them; unknown keys are an error naming them.
-
-    The mapping under model_args becomes one --model-arg KEY=VALUE per entry.
-    """
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"--config {path}: {getattr(error, 'strerror', None) or ' '.join(str(error).split())}") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"config {path} must be a mapping of flag names to values")
-    flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    unknown = sorted(k for k in config if str(k).replace("-", "_") not in flags)
-    if unknown:
-        raise UsageError(f"unknown keys in config {path}: {', '.join(map(str, unknown))} "
-                         f"(valid: {', '.join(sorted(flags))})")
-    argv = []
-    for key, value in config.items():
-        if str(key).replace("-", "_") == "model_args":
-            value = {} if value is None else value  # a run record of a run without overrides
-            if not isinstance(value, dict):
-                raise UsageError(f"model_args in config {path} must be a mapping of constructor arguments to "
-                                 f"values, got {value!r}")
-            for name, arg in value.items():
-                argv += ["--model-arg", f"{name}={json.dumps(arg)}"]  # JSON is YAML: parse_model_arg reads it back
-            continue
-        action = flags[str(key).replace("-", "_")]
-        flag = action.option_strings[0]
-        if isinstance(action, argparse.BooleanOptionalAction):
-            argv.append(flag if value else f"--no-{flag[2:]}")
-        elif isinstance(value, list):  # nargs flags (timestep-range: [0, 249])
-            argv += [flag, *map(str, value)]
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
-
-
-def parse_args(argv=None):
-    """Parse flags, with --config FILE.yaml supplying defaults that the command line overrides."""
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    known, _ = parser.parse_known_args(argv)
-    if known.config is not None:
-        argv = config_to_argv(parser, known.config) + argv  # later flags win in argparse
-    return parser.parse_args(argv)
-
-
-def open_dataset(args, rank, world_size):
-    """build_dataset for --data-path / --feature-path; data that cannot be read stops every rank before training.
-
-    Image files are checked up front (size, header, end marker; see imagedata.image_folder.image_file_problem),
-    each rank a share of them, so a file that was bad from the start never crashes a run hours in at its batch.
-    """
-    try:
-        dataset = build_dataset(data_path=args.data_path, feature_path=args.feature_path, image_size=args.image_size,
-                                kind=args.data_kind, flip=True, seed=args.global_seed, captions=args.captions)
-    except (OSError, ValueError) as error:  # no dataset kind recognised, an empty class folder, a bad manifest
-        flag = "--feature-path" if args.feature_path is not None else "--data-path"
-        raise UsageError(f"{flag}: {error}") from None
-
-    def check_images():
-        if not isinstance(dataset, ImageFileDataset):
-            return
-        paths = dataset.paths[rank::world_size]
-        damaged = find_damaged_images(tqdm(paths, desc="checking images", disable=rank != 0 or len(paths) < 10_000))
-        if damaged:
-            listed = "; ".join(f"{path} ({reason})" for path, reason in damaged[:3])
-            raise UsageError(f"--data-path holds {'at least ' if world_size > 1 else ''}{len(damaged)} unreadable "
-                             f"image(s): {listed}{'; ...' if len(damaged) > 3 else ''}. Remove or replace them")
-    check_on_every_rank(check_images)
-    return dataset
-
-
-def locate_run(args, rank, lock=None):
-    """[run folder, checkpoint to resume, removed temp files, skipped checkpoints] on rank 0 (resolve_run)."""
-    if rank != 0:
-        return [None, None, [], []]
-    if args.resume in (None, "auto"):
-        make_output_dir(args.results_dir, "--results-dir")
-    try:
-        return list(resolve_run(args.results_dir, args.model.replace("/", "-"), args.exp_name, args.resume, lock))
-    except OSError as error:
-        raise UsageError(f"cannot prepare the run folder: {error.filename}: {error.strerror}") from None
-
-
-def check_data_paths(args):
-    """Clear errors for a missing or empty data folder, before anything is built or written."""
-    if (args.data_path is None) == (args.feature_path is None):
-        raise UsageError("give exactly one of --data-path (images) or --feature-path (precomputed latents)")
-    for flag in ("data_path", "feature_path"):
-        path = getattr(args, flag)
-        if path is not None and not os.path.isdir(path):
-            raise UsageError(f"--{flag.replace('_', '-')} does not exist or is not a directory: {path}")
-        if path is not None and not os.listdir(path):
-            raise UsageError(f"--{flag.replace('_', '-')} is empty: {path}")
-    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
-        raise UsageError(f"--resume checkpoint not found: {args.resume}")
-
-
-def validate_args(args):
-    """Clear errors for flag values that would fail later (or silently do the wrong thing); no file access."""
-    if args.model not in model_names():
-        raise UsageError(f"unknown model {args.model!r}; expected one of {', '.join(model_names())}")
-    overrides = model_overrides(args)
-    try:
-        check_overrides(args.model, overrides)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    for key in overrides:
-        if key in MODEL_ARGS_SET_BY_TRAIN:
-            raise UsageError(f"--model-arg {key}=... is set by {MODEL_ARGS_SET_BY_TRAIN[key]}, not by --model-arg")
-    if is_text_model(args.model) and args.captions is None:
-        raise UsageError(f"--model {args.model} is a text-to-image model: give --captions "
-                         f"(MS-COCO annotations/captions_train2014.json)")
-    if is_text_model(args.model) and args.sample_every is not None:
-        raise UsageError("--sample-every draws class-label grids; for a text model sample its checkpoints with "
-                         "sample.py --prompt")
-    if args.captions is not None and not is_text_model(args.model):
-        raise UsageError(f"--captions is for text-to-image models (TextDiT-*), not --model {args.model}")
-    if args.routing not in ROUTING_KINDS:
-        raise UsageError(f"unknown routing {args.routing!r}; expected one of {', '.join(ROUTING_KINDS)}")
-    if not (math.isfinite(args.alpha) and args.alpha > 0):
-        raise UsageError(f"--alpha must be a finite number > 0, got {args.alpha}")
-    if not 0 < args.beta <= 1:
-        raise UsageError(f"--beta must lie in (0, 1], got {args.beta}")
-    if args.feature_path is not None and args.vae == "none":
-        raise UsageError("--vae none trains in pixel space; it cannot be combined with --feature-path latents")
-    for flag in ("global_batch_size", "log_every", "ckpt_every", "epochs", "image_size", "num_classes"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.resume == "auto" and args.exp_name is None:
-        raise UsageError("--resume auto needs --exp-name NAME: a numbered run folder is new at every start")
-    if args.exp_name is not None and (not args.exp_name or os.sep in args.exp_name or args.exp_name in (".", "..")):
-        raise UsageError(f"--exp-name must be a folder name without '{os.sep}', got {args.exp_name!r}")
-    if args.exp_name is not None and args.resume not in (None, "auto"):
-        own = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
-        if own != os.path.abspath(os.path.join(args.results_dir, args.exp_name)):
-            raise UsageError(f"--resume {args.resume} continues in its own run folder {own}, not --exp-name "
-                             f"{args.exp_name}; drop --exp-name, or use --resume auto")
-    for flag in ("keep_last", "keep_every"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.sample_every is not None and args.sample_every < 1:
-        raise UsageError(f"--sample-every must be >= 1, got {args.sample_every}")
-    if args.tensorboard and not tensorboard_available():
-        raise UsageError("--tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\"")
-    if args.keep_every is not None and args.keep_last is None:
-        raise UsageError("--keep-every only spares checkpoints from --keep-last pruning; give --keep-last K too")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
-    if not 0 <= args.ema_decay <= 1:
-        raise UsageError(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
-    for flag in ("snr_gamma", "p2_k", "p2_gamma", "ant_lr"):  # loss weightings (diffusion/loss_weighting.py)
-        if not getattr(args, flag) > 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be a finite number > 0, got {getattr(args, flag)}")
-    if args.ant_num_clusters < 1:
-        raise UsageError(f"--ant-num-clusters must be >= 1, got {args.ant_num_clusters}")
-    if args.timestep_range is not None:
-        lo, hi = args.timestep_range
-        if not 0 <= lo <= hi < NUM_TIMESTEPS:
-            raise UsageError(f"--timestep-range must satisfy 0 <= LO <= HI < {NUM_TIMESTEPS}, got {lo} {hi}")
-        if args.loss_weighting == "ant-uw":
-            raise UsageError("--timestep-range cannot be combined with --loss-weighting ant-uw (its clusters span all t)")
-
-
 if __name__ == "__main__":
-    run_command(main, build_parser(), parse_args)
+    run_command(main, build_parser(), parse_args)  # the flags and their checks: training/flags.py
