@@ -581,7 +581,12 @@ def test_every_buffer_is_a_fixed_routing_table_so_ddp_need_not_broadcast_buffers
 
 
 def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, images):
-    common = ["--data-path", images, "--global-batch-size", 8, "--max-steps", 3, "--ckpt-every", 100]
+    # with an image damaged in its body, skipped: its substitute is the same whatever the world size
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    damage_body(data / "b" / "5.png")
+    common = ["--data-path", data, "--global-batch-size", 8, "--max-steps", 3, "--ckpt-every", 100,
+              "--skip-bad-images"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     os.path.join(ROOT, "train.py"), "--config", TINY, "--results-dir", str(tmp_path / "ddp"),
@@ -601,6 +606,7 @@ def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, imag
     loss_ddp = [json.loads(line)["loss"] for line in open(f"{tmp_path}/ddp/000-DiT-S-2/metrics.jsonl")]
     loss_one = [json.loads(line)["loss"] for line in open(f"{single}/metrics.jsonl")]
     np.testing.assert_allclose(loss_ddp, loss_one, rtol=1e-5)
+    assert f"skipped {data}/b/5.png: broken data stream" in open(f"{single}/log.txt").read()
 
 
 def test_two_gloo_ranks_match_one_rank_on_posterior_latents_with_ant_uw(tmp_path):
