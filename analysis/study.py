@@ -46,6 +46,10 @@ STUDY_SIZES = {
     "toy": dict(image_size=8, patch_size=4, hidden_size=32, depth=2, num_heads=2),      # tests only: 4 tokens
     "small": dict(image_size=28, patch_size=4, hidden_size=96, depth=4, num_heads=4),   # the demo's: 49 tokens
     "medium": dict(image_size=28, patch_size=2, hidden_size=128, depth=6, num_heads=4),  # 196 tokens of 2x2
+    # The size study (docs/study.md, "Does the gap depend on model size?"): small's 49 tokens and head width 24,
+    # wider and deeper, so that only capacity changes.
+    "base": dict(image_size=28, patch_size=4, hidden_size=144, depth=6, num_heads=6),   # 2.4M parameters
+    "large": dict(image_size=28, patch_size=4, hidden_size=192, depth=8, num_heads=8),  # 5.5M parameters
 }
 METRICS = ("FID",)  # Table 1 reports FID only
 
