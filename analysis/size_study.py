@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from analysis.study import ROUTING_COLORS, ROUTING_LABELS, STUDY_SIZES, curves, mean_std, paired_gaps
-from foundation.atomic_file import atomic_write
-from foundation.usage_error import UsageError
+from storage.atomic_file import atomic_write
+from launch.cli import UsageError
 from launch.cli import run_command
 from models import create_model
-from training.step_cost import forward_flops
+from benchmarks.train_throughput import forward_flops
 
 FLAT_TOLERANCE = 0.05  # vanilla has flattened when its mean FID fell by less than 5% over the last interval
 
@@ -72,7 +72,7 @@ def summarise(study):
     flat = None
     if len(vanilla_steps) >= 2 and vanilla_steps[-1] == last and not np.isnan(vanilla[:, -2:]).any():
         before, after = vanilla[:, -2].mean(), vanilla[:, -1].mean()
-        flat = (before - after) / before < FLAT_TOLERANCE
+        flat = bool((before - after) / before < FLAT_TOLERANCE)
     gap_steps = sorted(gaps)
     return {"size": s["size"], "steps": last,
             "final": {routing: final_fids(study, routing, last) for routing in ("none", "dtr")},
