@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from analysis.study import ROUTING_COLORS, ROUTING_LABELS, STUDY_SIZES, curves, mean_std, paired_gaps
-from storage.atomic_file import atomic_write
-from launch.cli import UsageError
+from foundation.atomic_file import atomic_write
+from foundation.usage_error import UsageError
 from launch.cli import run_command
 from models import create_model
-from benchmarks.train_throughput import forward_flops
+from training.step_cost import forward_flops
 
 FLAT_TOLERANCE = 0.05  # vanilla has flattened when its mean FID fell by less than 5% over the last interval
 
