@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from foundation.usage_error import UsageError
 from imagedata import BadImageError, ImageFileDataset, build_dataset
-from imagedata.latents import read_shard_record, shard_is_finished, write_manifest, write_shard
+from imagedata.latents import ShardCollector, read_shard_record, shard_is_finished, shard_range, write_manifest
 from launch.cli import check_on_every_rank, make_output_dir, run_command
 from launch.process_group import add_launch_arguments, default_num_workers, describe_distributed, setup_distributed
 from models.vae import LATENT_SCALE, encode_with_flip, load_vae, vae_name
@@ -53,11 +53,6 @@ class FlaggedImages(Dataset):
         except BadImageError:
             size = self.images.image_size
             return torch.zeros(3, size, size), torch.tensor(-1), index, False
-
-
-def shard_range(k, shard_size, n):
-    """Dataset indices [start, stop) held by shard k."""
-    return k * shard_size, min((k + 1) * shard_size, n)
 
 
 #################################################################################
@@ -92,7 +87,6 @@ def main(args):
     n = len(images)
     num_shards = math.ceil(n / args.shard_size)
     vae_path = vae_name(args.vae)
-    with_stds = args.latent_stat == "posterior"
     run_config = {"vae": vae_path, "image_size": args.image_size, "shard_size": args.shard_size, "num_images": n,
                   "data_path": os.path.abspath(args.data_path), "latent_stat": args.latent_stat}
 
@@ -117,37 +111,15 @@ def main(args):
     loader = DataLoader(Subset(FlaggedImages(images), indices), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
 
-    pending = {}  # shard -> lists of latents / stds / labels / skipped paths; shards complete in order
-    bad_paths = []
+    shards = ShardCollector(args.features_path, args.shard_size, n, latent_shape, {"rank": rank, "config": run_config},
+                            with_stds=args.latent_stat == "posterior", skip_bad_images=args.skip_bad_images)
     for x, y, idx, ok in tqdm(loader, disable=rank != 0, desc="encoding"):
         if ok.any():
             means, stds = (z.float().cpu() for z in encode_with_flip(vae, x[ok].to(device), LATENT_SCALE))
-            good = zip(means, stds)
-        else:
-            good = iter(())
+            good = zip(means, stds)  # (2, C, h, w) each: the image and its flip
         for i, label, readable in zip(idx.tolist(), y.tolist(), ok.tolist()):
-            k = i // args.shard_size
-            shard = pending.setdefault(k, {"latents": [], "stds": [], "labels": [], "skipped": [], "seen": 0})
-            shard["seen"] += 1
-            if readable:
-                mean, std = next(good)
-                shard["latents"].append(mean)
-                shard["stds"].append(std)
-                shard["labels"].append(label)
-            else:
-                shard["skipped"].append(images.paths[i])
-                bad_paths.append(images.paths[i])
-            start, stop = shard_range(k, args.shard_size, n)
-            if shard["seen"] == stop - start:
-                # A shard with unreadable images is written only when they may be skipped, so a failed
-                # run can be resumed with --skip-bad-images (or after fixing the files).
-                if not shard["skipped"] or args.skip_bad_images:
-                    latents, stds = ((torch.stack(shard[key]) if shard[key] else torch.zeros(0, 2, *latent_shape)).numpy()
-                                     for key in ("latents", "stds"))  # (n, 2, C, h, w) each
-                    write_shard(args.features_path, k, latents, shard["labels"],
-                                {"start": start, "stop": stop, "skipped": shard["skipped"], "rank": rank,
-                                 "config": run_config}, stds=stds if with_stds else None)
-                del pending[k]
+            shards.add(i, label, next(good) if readable else None, None if readable else images.paths[i])
+    bad_paths = shards.bad_paths
 
     if world_size > 1:
         gathered = [None] * world_size

@@ -37,69 +37,13 @@ from foundation.usage_error import UsageError
 from launch.cli import check_on_every_rank, make_output_dir, run_command
 from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
 from sampling.checkpoint_flags import add_checkpoint_arguments
-from sampling.sample_shards import check_shard_dir, finished_shards, save_pngs, shard_path, write_npz, write_samples
+from sampling.sample_shards import (check_shard_dir, checkpoint_paths, finished_shards, run_name, sampling_config,
+                                    save_pngs, shard_path, write_npz, write_samples)
 from sampling.seeded import (SAMPLERS, check_sampling_flags, class_labels, generate, load_for_sampling,
                              load_text_conditioning, parse_guide_channels, to_uint8, validation_captions)
 from sampling.work_split import missing_intervals, rank_shards
 from storage.pretrained import use_pretrained
 from storage.run_folder import remove_stale_temp_files
-
-#################################################################################
-#                            Run name and configuration                         #
-#################################################################################
-
-def short_name(path_or_name):
-    """The last path component without extension: 'results/.../0400000.pt' -> '0400000'."""
-    return os.path.splitext(os.path.basename(os.path.normpath(path_or_name)))[0]
-
-
-def checkpoint_paths(args):
-    """--ckpt as a list (several = multi-experts)."""
-    return [args.ckpt] if isinstance(args.ckpt, str) else list(args.ckpt)
-
-
-def checkpoint_record(args):
-    """What config.json stores: one absolute path, or [[path, expert range or None], ...] for multi-experts."""
-    paths = [os.path.abspath(p) for p in checkpoint_paths(args)]
-    ranges = getattr(args, "expert_range", None)
-    if len(paths) == 1 and ranges is None:
-        return paths[0]  # as before: resuming older shard folders still matches
-    return [[p, list(r) if r is not None else None] for p, r in zip(paths, ranges or [None] * len(paths))]
-
-
-def run_name(args, settings, cfg_scale):
-    """As official DiT (model-ckpt-size-vae-cfg-seed) plus sampler/steps and every non-default setting."""
-    checkpoints = "+".join(short_name(p) for p in checkpoint_paths(args))  # experts joined by '+'
-    name = (f"{settings.model_name.replace('/', '-')}-{checkpoints}-size-{settings.image_size}"
-            f"-vae-{short_name(settings.vae).replace('sd-vae-ft-', '')}-cfg-{cfg_scale}-seed-{args.global_seed}"
-            f"-{args.sampler}{args.num_sampling_steps}")
-    if args.num_fid_samples != 50_000:
-        name += f"-n{args.num_fid_samples}"
-    if args.use_model_weights:
-        name += "-model-weights"
-    if cfg_scale != 1.0 and args.guide_channels != "all":
-        name += f"-guide{args.guide_channels}"
-    if args.balanced_classes:
-        name += "-balanced"
-    if args.mixed_precision != "no":
-        name += f"-{args.mixed_precision}"
-    return name
-
-
-def sampling_config(args, settings, cfg_scale):
-    """Everything that decides the samples' values; shards of another configuration must not be mixed in."""
-    text = {} if settings.text_encoder is None else {"captions": os.path.abspath(args.captions),
-                                                     "text_encoder": settings.text_encoder}
-    return {**text,
-        "ckpt": checkpoint_record(args), "weights": settings.weights, "model": settings.model_name,
-        "image_size": settings.image_size, "vae": settings.vae, "sampler": args.sampler,
-        "num_sampling_steps": args.num_sampling_steps, "cfg_scale": cfg_scale,
-        "guide_channels": args.guide_channels if cfg_scale != 1.0 else "all",
-        "global_seed": args.global_seed, "num_fid_samples": args.num_fid_samples,
-        "balanced_classes": args.balanced_classes,
-        "mixed_precision": args.mixed_precision,
-    }
-
 
 #################################################################################
 #                                  Sampling                                     #

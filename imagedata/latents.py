@@ -72,6 +72,49 @@ def write_shard(features_path, shard_index, latents, labels, record, stds=None):
     atomic_write_json(stem + ".json", dict(record, shard=shard_index, count=len(labels)))
 
 
+def shard_range(k, shard_size, n):
+    """Dataset indices [start, stop) held by shard k."""
+    return k * shard_size, min((k + 1) * shard_size, n)
+
+
+class ShardCollector:
+    """extract_features.py's writer: encoded samples arrive in any order, grouped by shard; a shard is written
+    (write_shard) as soon as every one of its indices has arrived.
+
+    A shard holding an unreadable image is written only with skip_bad_images (without that image, named in its
+    record), so a failed run can be resumed with --skip-bad-images or after fixing the files.
+    """
+
+    def __init__(self, features_path, shard_size, num_images, latent_shape, record, with_stds, skip_bad_images):
+        self.features_path, self.shard_size, self.num_images = features_path, shard_size, num_images
+        self.latent_shape, self.record = latent_shape, record  # (C, h, w); the record's fields besides the range
+        self.with_stds, self.skip_bad_images = with_stds, skip_bad_images
+        self.pending = {}  # shard -> lists of latents / stds / labels / skipped paths
+        self.bad_paths = []
+
+    def add(self, index, label, mean_std=None, path=None):
+        """Sample `index`: its (mean, std) of shape (2, C, h, w) each, or None with its path if unreadable."""
+        k = index // self.shard_size
+        shard = self.pending.setdefault(k, {"latents": [], "stds": [], "labels": [], "skipped": [], "seen": 0})
+        shard["seen"] += 1
+        if mean_std is not None:
+            shard["latents"].append(mean_std[0])
+            shard["stds"].append(mean_std[1])
+            shard["labels"].append(label)
+        else:
+            shard["skipped"].append(path)
+            self.bad_paths.append(path)
+        start, stop = shard_range(k, self.shard_size, self.num_images)
+        if shard["seen"] == stop - start:
+            if not shard["skipped"] or self.skip_bad_images:
+                latents, stds = ((torch.stack(shard[key]) if shard[key] else torch.zeros(0, 2, *self.latent_shape))
+                                 .numpy() for key in ("latents", "stds"))  # (n, 2, C, h, w) each
+                write_shard(self.features_path, k, latents, shard["labels"],
+                            {"start": start, "stop": stop, "skipped": shard["skipped"], **self.record},
+                            stds=stds if self.with_stds else None)
+            del self.pending[k]
+
+
 def read_shard_record(features_path, shard_index):
     """The JSON record of a finished shard."""
     path = os.path.join(features_path, shard_stem(shard_index) + ".json")

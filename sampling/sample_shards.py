@@ -2,7 +2,8 @@
 
 shard_<start>_<stop>.npz holds samples [start, stop) ("images" uint8 NHWC, "labels", text models' "captions");
 <shard dir>/config.json records what they were sampled with. The joined .npz is byte for byte a function of
-the samples (fixed zip timestamps), whatever the number of processes or shards that produced them.
+the samples (fixed zip timestamps), whatever the number of processes or shards that produced them. The folder is
+<sample dir>/<run_name>.shards; config.json holds sampling_config, the settings that decide the samples' values.
 """
 import json
 import os
@@ -16,6 +17,67 @@ from foundation.usage_error import UsageError
 
 SHARD_NAME = re.compile(r"^shard_(\d{6,})_(\d{6,})\.npz$")  # shard_<start>_<stop>.npz
 
+
+#################################################################################
+#               What names a shard folder and what its samples depend on        #
+#################################################################################
+
+def short_name(path_or_name):
+    """The last path component without extension: 'results/.../0400000.pt' -> '0400000'."""
+    return os.path.splitext(os.path.basename(os.path.normpath(path_or_name)))[0]
+
+
+def checkpoint_paths(args):
+    """--ckpt as a list (several = multi-experts)."""
+    return [args.ckpt] if isinstance(args.ckpt, str) else list(args.ckpt)
+
+
+def checkpoint_record(args):
+    """What config.json stores: one absolute path, or [[path, expert range or None], ...] for multi-experts."""
+    paths = [os.path.abspath(p) for p in checkpoint_paths(args)]
+    ranges = getattr(args, "expert_range", None)
+    if len(paths) == 1 and ranges is None:
+        return paths[0]  # as before: resuming older shard folders still matches
+    return [[p, list(r) if r is not None else None] for p, r in zip(paths, ranges or [None] * len(paths))]
+
+
+def run_name(args, settings, cfg_scale):
+    """As official DiT (model-ckpt-size-vae-cfg-seed) plus sampler/steps and every non-default setting."""
+    checkpoints = "+".join(short_name(p) for p in checkpoint_paths(args))  # experts joined by '+'
+    name = (f"{settings.model_name.replace('/', '-')}-{checkpoints}-size-{settings.image_size}"
+            f"-vae-{short_name(settings.vae).replace('sd-vae-ft-', '')}-cfg-{cfg_scale}-seed-{args.global_seed}"
+            f"-{args.sampler}{args.num_sampling_steps}")
+    if args.num_fid_samples != 50_000:
+        name += f"-n{args.num_fid_samples}"
+    if args.use_model_weights:
+        name += "-model-weights"
+    if cfg_scale != 1.0 and args.guide_channels != "all":
+        name += f"-guide{args.guide_channels}"
+    if args.balanced_classes:
+        name += "-balanced"
+    if args.mixed_precision != "no":
+        name += f"-{args.mixed_precision}"
+    return name
+
+
+def sampling_config(args, settings, cfg_scale):
+    """Everything that decides the samples' values; shards of another configuration must not be mixed in."""
+    text = {} if settings.text_encoder is None else {"captions": os.path.abspath(args.captions),
+                                                     "text_encoder": settings.text_encoder}
+    return {**text,
+        "ckpt": checkpoint_record(args), "weights": settings.weights, "model": settings.model_name,
+        "image_size": settings.image_size, "vae": settings.vae, "sampler": args.sampler,
+        "num_sampling_steps": args.num_sampling_steps, "cfg_scale": cfg_scale,
+        "guide_channels": args.guide_channels if cfg_scale != 1.0 else "all",
+        "global_seed": args.global_seed, "num_fid_samples": args.num_fid_samples,
+        "balanced_classes": args.balanced_classes,
+        "mixed_precision": args.mixed_precision,
+    }
+
+
+#################################################################################
+#                                Shards on disk                                 #
+#################################################################################
 
 def check_shard_dir(shard_dir, config):
     """Raise if shard_dir was started with another configuration (nothing in it is touched)."""
