@@ -11,9 +11,10 @@ dtr        sliding window of C_beta = floor(beta * C) channels whose start moves
            the authors' released code computes (np.linspace(0, 1, T) ** alpha, then .round()).
 dtr-paper  Eq. 4 of the paper taken literally: with 1-based t, channel c (1-based) is active when
            round((C - C_beta) * ((t - 1) / T) ** alpha) < c <= round((C - C_beta) * (t / T) ** alpha) + C_beta.
-           The two bounds use different fractions, so a window is C_beta wide plus the step of its end,
-           i.e. rows hold C_beta + (hi - lo) ones and the last window never reaches channel C. Reviewers
-           flagged the (t - 1)/T as a typo; it is offered only to reproduce the text.
+           Call the two rounded terms lo and hi: they use different fractions, so row t holds
+           C_beta + (hi - lo) ones, C_beta plus how far the window moves from t - 1 to t. The first
+           window starts at channel 1 (lo = 0 at t = 1) and the last ends at channel C (hi = C - C_beta
+           at t = T). Reviewers flagged the (t - 1)/T as a typo; it is offered only to reproduce the text.
 random     R-TR (Sec. 4.2): every row draws its own C_beta channels uniformly at random from a seeded
            generator, so the table is reproducible. (The paper's Pseudo Code 1 permutes the columns of a
            single shared row, which would give every task the same channels; we follow Sec. 4.2.)

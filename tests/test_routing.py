@@ -74,8 +74,10 @@ def test_dtr_paper_form_follows_eq4_bounds():
         hi = round((C - c_beta) * (t1 / T) ** alpha)
         expected = torch.tensor([1.0 if lo < c <= hi + c_beta else 0.0 for c in range(1, C + 1)])
         assert torch.equal(masks[t1 - 1], expected), t1
-    # The literal equation never reaches the last channel at t = T ((T-1)/T < 1 on the lower bound).
-    assert masks.sum(1).min() == c_beta and masks[-1, -1] == 1
+    # Rows are C_beta wide plus the window's move from t - 1 to t, so never narrower than C_beta; the first
+    # window starts at channel 1 and the last ends at channel C (the upper bound at t = T is (C - C_beta) + C_beta).
+    assert masks.sum(1).min() == c_beta and masks.sum(1).max() > c_beta
+    assert masks[0, 0] == 1 and masks[-1, -1] == 1
 
 
 def test_random_routing_is_seeded_and_reproducible():
@@ -141,9 +143,30 @@ def test_bad_arguments_are_rejected_with_a_clear_error(kwargs, message):
         build_masks(**args)
 
 
-def test_all_kinds_build():
-    for kind in ROUTING_KINDS:
-        assert build_masks(kind, 16, 16).shape == (16, 16)
+def test_every_kind_keeps_its_row_rule_with_fewer_tasks_than_clusters():
+    # 5 tasks < K = 8 clusters: each task is its own cluster, so CDTR is DTR and ERCDT gives each task a segment
+    tasks, channels, alpha, beta = 5, 16, 1.0, 0.6
+    c_beta = active_channels(channels, beta)  # 9
+    dtr = build_masks("dtr", tasks, channels, alpha, beta)
+
+    def ercdt_rule(m):
+        tails = m[:, channels // 2:]
+        return (m[:, :channels // 2] == 1).all() and (tails.sum(0) == 1).all() and (tails.sum(1) > 0).all()
+
+    rules = {
+        "none": lambda m: (m == 1).all(),
+        "dtr": lambda m: (m.sum(1) == c_beta).all() and window_bounds(m[-1]) == (channels - c_beta, channels),
+        "dtr-paper": lambda m: (m.sum(1) >= c_beta).all() and window_bounds(m[0])[0] == 0
+        and window_bounds(m[-1])[1] == channels,
+        "random": lambda m: (m.sum(1) == c_beta).all(),
+        "cdtr": lambda m: torch.equal(m, dtr),
+        "ercdt": ercdt_rule,
+    }
+    assert set(rules) == set(ROUTING_KINDS)  # a new kind brings its rule here
+    for kind, rule in rules.items():
+        masks = build_masks(kind, tasks, channels, alpha, beta)
+        assert masks.shape == (tasks, channels) and ((masks == 0) | (masks == 1)).all(), kind
+        assert rule(masks), kind
 
 
 def test_router_gathers_one_row_per_timestep():
