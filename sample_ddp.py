@@ -40,7 +40,8 @@ from sampling.checkpoint_flags import add_checkpoint_arguments
 from sampling.sample_shards import (check_shard_dir, checkpoint_paths, finished_shards, run_name, sampling_config,
                                     save_pngs, shard_path, write_npz, write_samples)
 from sampling.seeded import (SAMPLERS, check_sampling_flags, class_labels, generate, load_for_sampling,
-                             load_text_conditioning, parse_guide_channels, to_uint8, validation_captions)
+                             load_text_conditioning, model_function, parse_guide_channels, to_uint8,
+                             validation_captions)
 from sampling.work_split import missing_intervals, rank_shards
 from storage.pretrained import use_pretrained
 from storage.run_folder import remove_stale_temp_files
@@ -77,6 +78,8 @@ def main(args):
     elif args.captions is not None:
         raise UsageError(f"--captions needs a text-to-image checkpoint; {' '.join(checkpoint_paths(args))} is not one")
 
+    # one model function for every batch, so --compile compiles it once (a last, smaller batch adds one more)
+    model_fn = model_function(model, cfg_scale, args.guide_channels, args.mixed_precision, compile=args.compile)
     name = run_name(args, settings, cfg_scale)
     shard_dir = os.path.join(args.sample_dir, f"{name}.shards")
     config = sampling_config(args, settings, cfg_scale)
@@ -118,7 +121,8 @@ def main(args):
                 condition = conditioning.encode([p["caption"] for p in picks])
                 y = torch.tensor([p["image_id"] for p in picks], dtype=torch.long)
             samples = generate(model, diffusion, args.sampler, indices, condition, args.global_seed, cfg_scale,
-                               args.guide_channels, args.mixed_precision, clip_denoised=vae is None)
+                               args.guide_channels, args.mixed_precision, clip_denoised=vae is None,
+                               model_fn=model_fn)
             images.append(to_uint8(samples, vae, settings.latent_scale))  # (B, H, W, C)
             labels.append(y.numpy())
             bar.update(len(indices))
@@ -168,7 +172,10 @@ def build_parser():
                         help="samples per saved shard (the resume unit), in whole batches: at least one batch")
     parser.add_argument("--max-shards", type=int, default=None,
                         help="stop after this many shards per process (time-limited jobs); re-run to continue")
-    parser.add_argument("--mixed-precision", type=str, choices=["no", "bf16"], default="no")
+    parser.add_argument("--mixed-precision", type=str, choices=["no", "bf16"], default="no",
+                        help="bf16: the model runs under bf16 autocast, the sampler's math stays fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the model call of a sampling step (CFG's doubled batch included)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on GPU (official DiT: on)")
     parser.add_argument("--save-png", action="store_true", help="also write <index>.png per sample")

@@ -48,16 +48,13 @@ import os
 import sys
 from glob import glob
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from diffusion import create_diffusion
 from foundation.usage_error import UsageError
-from imagedata.latents import sample_posterior
+from imagedata.epoch_loader import EpochLoader
 from imagedata.unreadable_images import BatchesAhead, ReportUnreadable
 from launch.cli import RunFailure, check_on_every_rank, make_output_dir, run_command, write_on_rank_zero
 from launch.preemption import PreemptionFlag, ignore_preemption_signals
@@ -75,19 +72,15 @@ from storage.run_folder import prune_checkpoints, resolve_run
 from storage.run_lock import RunFolderLock
 from storage.run_record import write_run_record
 from training.data_checks import check_data_fits_model, open_dataset, unused_classes_warning
-from training.ema import requires_grad, update_ema
+from training.ema import EMAUpdater, requires_grad
+from training.fast_path import AUTOCAST_DTYPES, compile_for_training, resolve_mixed_precision, wrap_ddp
 from training.flags import build_parser, check_data_paths, is_text_model, model_overrides, parse_args, validate_args
+from training.step import train_step
 
 
 #################################################################################
 #                             Training Helper Functions                         #
 #################################################################################
-
-def step_generator(global_seed, step, device):
-    """Generator for one training step, seeded by (global_seed, step) only: no state to checkpoint."""
-    seed = int(np.random.SeedSequence([global_seed, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(seed)
-
 
 def check_finite(first_bad_step, checkpoint_dir, world_size):
     """Stop every rank with the step number if any rank saw a non-finite loss (no checkpoint of it)."""
@@ -161,17 +154,14 @@ def build_training_state(args, dataset, device, text=None):
     return TrainingState(model, ema, opt, weighting, scaler, settings), diffusion
 
 
-def build_loader(dataset, sampler, epoch, position, local_batch_size, num_workers, device, skip_bad_images=False):
-    """Loader for the rest of an epoch: the sampler's order with the first `position` batches skipped.
+def build_loader(dataset, sampler, local_batch_size, num_workers, device, skip_bad_images=False):
+    """One loader for the run (workers persist across epochs); loader.epoch(epoch, position) resumes mid-epoch.
 
     It yields (x, y, problems): an image that fails to decode is reported, not raised (imagedata/unreadable_images.py).
     """
-    sampler.set_epoch(epoch)
-    dataset.set_epoch(epoch)  # flips are a function of (seed, epoch, index); set before the workers fork
-    indices = list(sampler)[position * local_batch_size:]
-    return DataLoader(ReportUnreadable(dataset, skip_bad_images), batch_size=local_batch_size, sampler=indices,
-                      num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True,
-                      worker_init_fn=ignore_preemption_signals)  # the main process decides when to stop
+    return EpochLoader(dataset, sampler, local_batch_size, num_workers, pin_memory=device.type == "cuda",
+                       worker_init_fn=ignore_preemption_signals,  # the main process decides when to stop
+                       wrap=lambda d: ReportUnreadable(d, skip_bad_images))
 
 
 #################################################################################
@@ -273,6 +263,7 @@ def main(args):
 def train(args, rank, world_size, device, preemption=None, lock=None):
     """Set up (data, model, run folder, resume), then official DiT's loop: step, log, checkpoint."""
     preemption = preemption or PreemptionFlag(world_size)  # without handlers installed it never fires
+    args.mixed_precision = resolve_mixed_precision(args.mixed_precision, device)  # recorded as resolved
     if args.global_batch_size % world_size != 0:
         raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
                          f"{world_size}")
@@ -314,12 +305,10 @@ def train(args, rank, world_size, device, preemption=None, lock=None):
         if warning:
             logger.warning(warning)
 
-        # broadcast_buffers=False: the only buffers (routing tables of DiT / ADM / text DiT) are fixed and built
-        # alike on every rank; re-sending them each step cost 25 MB (DiT-L/2) to 32 MB (DiT-XL/2) per step
-        ddp_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-                     if world_size > 1 else model)
-        if args.compile:
-            ddp_model = torch.compile(ddp_model)
+        if args.compile:  # each block (inside DDP) and the loss, not the DDP model whole (training/fast_path.py)
+            compile_for_training(model, diffusion)
+        ddp_model = wrap_ddp(model, device, world_size)  # gradient_as_bucket_view, static_graph
+        ema_update = EMAUpdater(ema, model)  # after the resume: the cached lists are the restored tensors
         # Per-rank seed for anything left on the global RNG (e.g. loader worker seeds), as official DiT
         torch.manual_seed(args.global_seed * world_size + rank)
         if checkpoint is not None:
@@ -333,9 +322,10 @@ def train(args, rank, world_size, device, preemption=None, lock=None):
         # global batch is the same set of samples whatever the world size; drop_last keeps steps equal.
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                      seed=args.global_seed, drop_last=True)
+        loader = build_loader(dataset, sampler, local_batch_size, args.num_workers, device, args.skip_bad_images)
         model.train()  # important! This enables embedding dropout for classifier-free guidance
         ema.eval()
-        autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+        autocast_dtype = AUTOCAST_DTYPES[args.mixed_precision]
         posterior_latents = getattr(dataset, "latent_stat", None) == "posterior"  # x: a VAE posterior's mean, std
         first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of first NaN/inf
         vae = state.settings["vae"]
@@ -347,10 +337,9 @@ def train(args, rank, world_size, device, preemption=None, lock=None):
         stopped = False
         while state.step < max_steps and not stopped:
             rng_before_loader = capture_rng_state()  # iterating a loader draws its workers' seeds
-            loader = build_loader(dataset, sampler, state.epoch, state.position, local_batch_size,
-                                  args.num_workers, device, args.skip_bad_images)
             # one batch ahead: an image that cannot be read stops every rank after the step before its batch
-            batches = BatchesAhead(loader, preemption.any_rank, report=logger.warning if rank == 0 else
+            batches = BatchesAhead(loader.epoch(state.epoch, state.position), preemption.any_rank,
+                                   report=logger.warning if rank == 0 else
                                    lambda line: print(f"rank {rank}: {line}", file=sys.stderr))
             for x, y in batches:
                 # (B, C, H, W): images in [-1, 1] or scaled latents; (B, 2, C, h, w): a VAE posterior's mean, std
@@ -358,7 +347,7 @@ def train(args, rank, world_size, device, preemption=None, lock=None):
                 image_ids = y  # a text model's COCO image ids, on the host (its captions are drawn there)
                 y = y.to(device, non_blocking=True)  # (B,)
                 loss, t, losses = train_step(state, ddp_model, diffusion, x, y, args, rank, world_size,
-                                             autocast_dtype, posterior_latents, text, image_ids)
+                                             autocast_dtype, ema_update, posterior_latents, text, image_ids)
                 monitor.after_step(t, losses)
                 state.step += 1
                 state.position += 1
@@ -404,47 +393,6 @@ def train(args, rank, world_size, device, preemption=None, lock=None):
         raise
     finally:
         close_logger(logger)
-
-
-def train_step(state, ddp_model, diffusion, x, y, args, rank, world_size, autocast_dtype, posterior_latents=False,
-               text=None, image_ids=None):
-    """One optimiser step on this rank's share of the global batch, then the EMA.
-
-    Returns the loss (0-dim), and this rank's timesteps t (B,) and per-sample losses (B,) for the monitor.
-
-    x: (B, C, H, W) images in [-1, 1] or scaled latents; with posterior_latents (B, 2, C, h, w), a VAE
-    posterior's mean and std, from which this step draws its latent as official DiT's latent_dist.sample().
-    text (a CaptionConditioning) conditions on a caption of each image in image_ids (B,) instead of y.
-    """
-    device, G = x.device, args.global_batch_size
-    # Draw t, noise and label drops for the whole global batch; keep this rank's samples
-    # (rank r holds global samples r, r + world_size, ... as the sampler deals them).
-    g = step_generator(args.global_seed, state.step, device)
-    if args.timestep_range is not None:  # one expert of Table 6's multi-experts: only its own tasks
-        lo, hi = args.timestep_range
-        t = torch.randint(lo, hi + 1, (G,), generator=g, device=device)[rank::world_size]
-    else:
-        t = diffusion.timestep_sampler.sample_timesteps(G, device, generator=g)[rank::world_size]
-    noise = torch.randn((G, *x.shape[-3:]), generator=g, device=device)[rank::world_size]
-    dropout_prob = state.model.config["class_dropout_prob" if text is None else "caption_dropout_prob"]
-    drop = torch.rand(G, generator=g, device=device)[rank::world_size] < dropout_prob
-    if posterior_latents:  # drawn last, so the other draws are those of a run on stored means
-        eps = torch.randn((G, *x.shape[-3:]), generator=g, device=device)[rank::world_size]
-        x = sample_posterior(x, eps)  # (B, C, h, w)
-    model_kwargs = dict(y=y, force_drop_ids=drop.long() if dropout_prob > 0 else None)
-    if text is not None:  # this step's caption of each image, encoded by the frozen CLIP model
-        model_kwargs = text.training_kwargs(image_ids, args.global_seed, state.step, G, rank, world_size,
-                                            model_kwargs["force_drop_ids"])
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        losses = diffusion.training_losses(ddp_model, x, t, model_kwargs, noise=noise)["loss"].float()  # (B,)
-    loss = losses.mean()
-    state.opt.zero_grad(set_to_none=True)
-    state.scaler.scale(loss).backward()
-    state.weighting.all_reduce_gradients()  # ANT-UW's s_k are outside DDP
-    state.scaler.step(state.opt)
-    state.scaler.update()
-    update_ema(state.ema, state.model, args.ema_decay)
-    return loss.detach(), t, losses.detach()
 
 
 if __name__ == "__main__":

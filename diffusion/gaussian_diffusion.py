@@ -419,6 +419,14 @@ class GaussianDiffusion:
             return terms
 
         model_output = self._run_model(model, x_t, t, model_kwargs)
+        return self.loss_terms(model_output, x_start, x_t, t, noise, global_t)
+
+    def loss_terms(self, model_output, x_start, x_t, t, noise, global_t=None):
+        """training_losses after the model call: {"loss", "mse", "vb", ...} from the model's output at x_t.
+
+        About a hundred small element-wise kernels: compile_loss_terms() fuses them into a few.
+        """
+        terms = {}
         C = x_t.shape[1]
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
             model_output, var_values = split_learned_variance(model_output, C)
@@ -446,3 +454,8 @@ class GaussianDiffusion:
         terms["weighted_mse"] = self.loss_weighting(terms["mse"], t, global_t=global_t)
         terms["loss"] = terms["weighted_mse"] + terms["vb"] if "vb" in terms else terms["weighted_mse"]
         return terms
+
+    def compile_loss_terms(self, **compile_kwargs):
+        """Run loss_terms through torch.compile from now on (train.py --compile); returns self."""
+        self.loss_terms = torch.compile(self.loss_terms, **compile_kwargs)  # instance attribute shadows the method
+        return self

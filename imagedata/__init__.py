@@ -24,8 +24,9 @@ see imagedata.flip.flip_decision; no global RNG is touched. In train.py:
         sampler.set_epoch(epoch)
         ds.set_epoch(epoch)          # BEFORE iterating the loader for this epoch
         for x, y in loader: ...
-Use persistent_workers=False (the default): workers copy the dataset when the epoch's iterator is created,
-so set_epoch must come before `iter(loader)`. A resumed run calls ds.set_epoch(epoch) and skips the
+With a plain DataLoader use persistent_workers=False (the default): workers copy the dataset when the epoch's
+iterator is created, so set_epoch must come before `iter(loader)`. train.py uses imagedata.epoch_loader.EpochLoader
+instead, whose workers persist and are asked for (epoch, index). A resumed run calls ds.set_epoch(epoch) and skips the
 sampler's first `position` indices; every remaining sample comes out identical. ds.is_flipped(i) tells
 the current epoch's coin for sample i.
 """

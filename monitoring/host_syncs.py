@@ -15,6 +15,9 @@ the same causes on a CPU-only machine, where nothing ever waits:
     the device inside the step then shows up as a copy from cpu to meta.
 """
 
+import os
+import traceback
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -38,8 +41,16 @@ def _devices(values):
     return found
 
 
+def _caller():
+    """'file:line function' of the innermost frame outside torch and this module: the line that synced."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if f"{os.sep}torch{os.sep}" not in frame.filename and not frame.filename.endswith("host_syncs.py"):
+            return f"{os.path.basename(frame.filename)}:{frame.lineno} {frame.name}"
+    return "?"
+
+
 class HostSyncCounter(TorchDispatchMode):
-    """Dispatch mode recording each host-sync cause as (kind, op name) in .events; computes nothing differently."""
+    """Dispatch mode recording each host-sync cause as (kind, op name, where) in .events; computes nothing else."""
 
     def __init__(self):
         super().__init__()
@@ -65,7 +76,7 @@ class HostSyncCounter(TorchDispatchMode):
             if len(devices) > 1:
                 kind = "blocking copy " + " -> ".join(sorted(devices))
         if kind is not None:
-            self.events.append((kind, str(func.overloadpacket.__name__)))
+            self.events.append((kind, str(func.overloadpacket.__name__), _caller()))
             if kind == "scalar read" and any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
                 return True  # meta tensors hold no values; a truthy 1 lets the counted code run on
         return func(*args, **kwargs)
@@ -73,6 +84,6 @@ class HostSyncCounter(TorchDispatchMode):
     def summary(self):
         """{kind: count}."""
         counts = {}
-        for kind, _ in self.events:
+        for kind, _, _ in self.events:
             counts[kind] = counts.get(kind, 0) + 1
         return counts

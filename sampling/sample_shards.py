@@ -72,6 +72,9 @@ def sampling_config(args, settings, cfg_scale):
         "global_seed": args.global_seed, "num_fid_samples": args.num_fid_samples,
         "balanced_classes": args.balanced_classes,
         "mixed_precision": args.mixed_precision,
+        # compiled kernels round differently: recorded, so shards of both kinds are not mixed (absent = eager,
+        # as in folders written before the flag existed)
+        **({"compile": True} if getattr(args, "compile", False) else {}),
     }
 
 

@@ -136,18 +136,24 @@ def resolve_cfg_scale(cfg_scale, num_classes, default, class_dropout_prob=0.1):
     return default if cfg_scale is None else cfg_scale
 
 
-def model_function(model, cfg_scale, guide_channels, mixed_precision):
-    """The callable the sampler runs: the model (under bf16 autocast if asked), guided if cfg_scale != 1."""
+def model_function(model, cfg_scale, guide_channels, mixed_precision, compile=False, compile_backend="inductor"):
+    """The callable the sampler runs: the model (under bf16 autocast if asked), guided if cfg_scale != 1.
+
+    compile: torch.compile the whole call, the doubled CFG batch and the guidance combination included
+    (sample_ddp.py --compile); build it once and pass it to every generate() so it compiles once.
+    """
     device_type = next(model.parameters()).device.type
 
     def model_fn(x, t, **kwargs):
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
             return model(x, t, **kwargs).float()  # the diffusion math stays in fp32
 
-    if cfg_scale == 1.0:
-        return model_fn  # guidance at scale 1 is the conditional model: skip the doubled batch
-    # the wrapper doubles the batch inside each call
-    return ClassifierFreeGuidance(model_fn, cfg_scale, null_condition(model), guide_channels)
+    # guidance at scale 1 is the conditional model: skip the doubled batch; else the wrapper doubles it
+    fn = model_fn if cfg_scale == 1.0 else ClassifierFreeGuidance(model_fn, cfg_scale, null_condition(model),
+                                                                  guide_channels)
+    if not compile:
+        return fn
+    return torch.compile(fn if cfg_scale == 1.0 else fn.__call__, dynamic=False, backend=compile_backend)
 
 
 def null_condition(model):
@@ -160,17 +166,20 @@ def null_condition(model):
 
 @torch.no_grad()
 def generate(model, diffusion, sampler, indices, condition, global_seed, cfg_scale=1.0, guide_channels="all",
-             mixed_precision="no", progress=False, clip_denoised=False):
+             mixed_precision="no", progress=False, clip_denoised=False, model_fn=None):
     """Samples (N, C, H, W) in model space for global sample indices and their condition (DDPM, DDIM eta=0 or
     DPM-Solver++(2M); the last two are deterministic given x_T).
 
     condition: class labels (N,), or the model kwargs of a text model ({"context", "context_mask"}).
     clip_denoised clips the predicted x_0 to [-1, 1]: right for pixel models, wrong for VAE latents.
+    model_fn: model_function(model, cfg_scale, guide_channels, mixed_precision, ...) built once by the caller
+    (sample_ddp.py --compile); by default built here.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     device = next(model.parameters()).device
-    model_fn = model_function(model, cfg_scale, guide_channels, mixed_precision)
+    if model_fn is None:
+        model_fn = model_function(model, cfg_scale, guide_channels, mixed_precision)
     noise = PerSampleNoise(indices, global_seed, device)
     shape = (len(indices), model.in_channels, model.input_size, model.input_size)
     loop = {"ddim": diffusion.ddim_sample_loop, "ddpm": diffusion.p_sample_loop}.get(sampler)

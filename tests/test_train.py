@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 import train
+import training.step
+from training.step import step_generator
 from command_line import run_cli
 from float_comparison import intra_op_threads
 from foundation.usage_error import UsageError
@@ -520,15 +522,15 @@ def test_posterior_latents_are_drawn_each_step_from_that_steps_generator(tmp_pat
         diffusion.training_losses = lambda model, x, t, *a, **kw: seen.append(x.clone()) or real_losses(model, x, t, *a, **kw)
         return diffusion
 
-    drawn, real_sample = [], train.sample_posterior
+    drawn, real_sample = [], training.step.sample_posterior
     monkeypatch.setattr(train, "create_diffusion", recording_diffusion)
-    monkeypatch.setattr(train, "sample_posterior", lambda m, e: drawn.append((m.clone(), e.clone())) or real_sample(m, e))
+    monkeypatch.setattr(training.step, "sample_posterior", lambda m, e: drawn.append((m.clone(), e.clone())) or real_sample(m, e))
     latent_run(feat, tmp_path / "r", "--max-steps", 3, "--global-seed", 5)
     assert len(drawn) == len(seen) == 3
     rows = {tuple(np.concatenate([means[i, f], stds[i, f]]).ravel()) for i in range(8) for f in (0, 1)}
     for step, ((moments, eps), x) in enumerate(zip(drawn, seen)):
         # the step's generator draws t, noise, label drops, then the posterior's eps, all for the global batch
-        g = train.step_generator(5, step, torch.device("cpu"))
+        g = step_generator(5, step, torch.device("cpu"))
         torch.randint(0, 1000, (4,), generator=g), torch.randn(4, 4, 2, 2, generator=g), torch.rand(4, generator=g)
         assert torch.equal(eps, torch.randn(4, 4, 2, 2, generator=g))
         assert all(tuple(m.numpy().ravel()) in rows for m in moments)  # (mean, std) of a stored image or flip

@@ -14,6 +14,7 @@ from launch.yaml_config import parse_with_config
 from models import ROUTING_KINDS, TextDiT, check_overrides, family_of, model_names
 from models.routing import NUM_TIMESTEPS
 from monitoring.tensorboard_log import tensorboard_available
+from training.fast_path import PRECISIONS
 
 DESCRIPTION = "Train a DiT, ADM or text DiT, optionally with Denoising Task Routing, using PyTorch DDP (train.py)."
 # Constructor arguments train.py sets itself (from the data or a flag); --model-arg may not set them.
@@ -82,7 +83,9 @@ def build_parser():
     optim.add_argument("--global-seed", type=int, default=0)
     optim.add_argument("--lr", type=finite_float, default=1e-4)
     optim.add_argument("--ema-decay", type=finite_float, default=0.9999)
-    optim.add_argument("--mixed-precision", type=str, choices=["no", "bf16", "fp16"], default="no")
+    optim.add_argument("--mixed-precision", type=str, choices=PRECISIONS, default="auto",
+                       help="auto = bf16 on a GPU that supports it, fp32 (no) elsewhere; the model runs under "
+                            "autocast, the loss, gradients, AdamW state and EMA stay fp32")
     optim.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     optim.add_argument("--log-every", type=int, default=100)
     optim.add_argument("--ckpt-every", type=int, default=50_000)

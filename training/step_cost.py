@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from diffusion import create_diffusion
 from models import create_model
-from training.ema import update_ema
+from training.ema import EMAUpdater
+from training.fast_path import autocast_model, compile_for_training
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,7 +73,10 @@ def build_training_step(args, routing, device, model_name=None, encoder=None):
     ema = copy.deepcopy(model).requires_grad_(False)
     diffusion = create_diffusion(timestep_respacing="", noise_schedule="squaredcos_cap_v2")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)  # as train.py
-    net = torch.compile(model) if args.compile else model  # as train.py --compile
+    if args.compile:  # as train.py --compile: each block and the loss
+        compile_for_training(model, diffusion)
+    net = autocast_model(model, device.type, None if dtype == torch.float32 else dtype)  # fp32 output, as train.py
+    ema_update = EMAUpdater(ema, model)
     dtype = DTYPES[args.mixed_precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     x = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
@@ -92,13 +96,12 @@ def build_training_step(args, routing, device, model_name=None, encoder=None):
 
     def step(on_the_fly=False):
         t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = diffusion.training_losses(net, x, t, condition(on_the_fly))["loss"].mean()
+        loss = diffusion.training_losses(net, x, t, condition(on_the_fly))["loss"].mean()
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        update_ema(ema, model, 0.9999)
+        ema_update(0.9999)
 
     t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
