@@ -73,11 +73,11 @@ def build_training_step(args, routing, device, model_name=None, encoder=None):
     ema = copy.deepcopy(model).requires_grad_(False)
     diffusion = create_diffusion(timestep_respacing="", noise_schedule="squaredcos_cap_v2")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)  # as train.py
+    dtype = DTYPES[args.mixed_precision]
     if args.compile:  # as train.py --compile: each block and the loss
         compile_for_training(model, diffusion)
     net = autocast_model(model, device.type, None if dtype == torch.float32 else dtype)  # fp32 output, as train.py
     ema_update = EMAUpdater(ema, model)
-    dtype = DTYPES[args.mixed_precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     x = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
     if not text:
