@@ -178,14 +178,6 @@ def test_wrong_output_channel_count_is_a_value_error():
 # ---------------------------------------------------------------------------- samplers
 
 
-def test_p_sample_adds_no_noise_at_t0():
-    d = create_diffusion("")
-    x, t = torch.randn(3, 2), torch.zeros(3, dtype=torch.long)
-    model = lambda x, t: torch.cat([x * 0.1, torch.zeros_like(x)], 1)
-    a, b = d.p_sample(model, x, t, clip_denoised=False)["sample"], d.p_sample(model, x, t, clip_denoised=False)["sample"]
-    torch.testing.assert_close(a, b)
-
-
 def test_ddim_eta_one_equals_ddpm_with_posterior_variance():
     # DDIM Eq. 16 with eta = 1 gives sigma^2 = beta_tilde and the posterior mean (DDIM Sec. 4.1)
     d = create_diffusion("ddim25", learn_sigma=False, sigma_small=True)
@@ -236,17 +228,20 @@ def test_progressive_loop_yields_every_step_and_progress_bar_runs(capsys):
     assert "10/10" in capsys.readouterr().err
 
 
-def test_noise_fn_supplies_the_step_noise_of_ddpm_and_ddim():
+def test_noise_fn_replaces_the_step_draw_of_ddpm_and_ddim():
     d = create_diffusion("10", learn_sigma=False)
     model = lambda x, t: 0.3 * x
     x, t = torch.randn(3, 1, 4, 4), torch.tensor([0, 4, 9])
-    z = torch.randn_like(x)
-    out = d.p_mean_variance(model, x, t, clip_denoised=False)
-    expected = out["mean"] + (t != 0).view(-1, 1, 1, 1) * torch.exp(0.5 * out["log_variance"]) * z
-    got = d.p_sample(model, x, t, clip_denoised=False, noise_fn=lambda like: z)["sample"]
-    torch.testing.assert_close(got, expected)
-    a = d.ddim_sample(model, x, t, clip_denoised=False, eta=1.0, noise_fn=lambda like: z)["sample"]
-    b = d.ddim_sample(model, x, t, clip_denoised=False, eta=1.0, noise_fn=lambda like: torch.zeros_like(like))
-    assert not torch.allclose(a, b["sample"])
-    torch.testing.assert_close(d.ddim_sample(model, x, t, clip_denoised=False, eta=1.0,
-                                             noise_fn=lambda like: z)["sample"], a)
+    for step, kwargs in ((d.p_sample, {}), (d.ddim_sample, {"eta": 1.0})):
+        torch.manual_seed(3)
+        z = torch.randn_like(x)
+        torch.manual_seed(3)
+        default = step(model, x, t, clip_denoised=False, **kwargs)["sample"]  # draws z itself
+        torch.manual_seed(4)  # a noise_fn that were ignored would now draw other noise
+        given = step(model, x, t, clip_denoised=False, noise_fn=lambda like: z, **kwargs)["sample"]
+        assert torch.equal(given, default), step.__name__
+        # z and -z land symmetrically about the noiseless step, except at t = 0, which gets no noise
+        flipped = step(model, x, t, clip_denoised=False, noise_fn=lambda like: -z, **kwargs)["sample"]
+        assert torch.equal(given[0], flipped[0]) and (given[1:] != flipped[1:]).all(), step.__name__
+        mean = step(model, x, t, clip_denoised=False, noise_fn=torch.zeros_like, **kwargs)["sample"]
+        torch.testing.assert_close((given + flipped) / 2, mean)
