@@ -108,3 +108,24 @@ def test_bad_grids_and_orders_are_refused():
         dpm_solver_pp_coefficients([0.5, 0.1])
     with pytest.raises(ValueError, match="increase"):
         dpm_solver_pp_coefficients([0.5, 1.0, 1.0])
+
+
+def test_whole_guided_solve_has_no_host_sync():
+    # on the meta device any scalar read, data-dependent size or host -> device copy would be recorded
+    from diffusion.guidance import ClassifierFreeGuidance
+    from models import DiT
+    from monitoring.host_syncs import HostSyncCounter
+    from sampling.seeded import null_condition
+    model = DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, in_channels=4, num_classes=10,
+                learn_sigma=True, routing="dtr").to("meta").eval()
+    guided = ClassifierFreeGuidance(model, 1.5, null_condition(model))
+    noise = torch.zeros(3, 4, 8, 8, device="meta")
+    y = torch.zeros(3, dtype=torch.long, device="meta")
+    diffusion = create_diffusion("trailing4")
+    with torch.no_grad():
+        # the first solve also moves the model's constants to the device, once; the second must not sync at all
+        dpm_solver_pp_sample_loop(diffusion, guided, noise.shape, noise=noise, model_kwargs={"y": y})
+        with HostSyncCounter() as syncs:
+            dpm_solver_pp_sample_loop(diffusion, guided, noise.shape, noise=noise, clip_denoised=True,
+                                      model_kwargs={"y": y})
+    assert syncs.events == []
