@@ -30,14 +30,14 @@ from tqdm import tqdm
 from foundation.atomic_file import atomic_write
 from foundation.flag_types import finite_float
 from foundation.usage_error import UsageError
-from imagedata.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_files
+from imagedata.fashion_mnist import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, fashion_mnist_files
 from launch.cli import make_output_dir, run_command
 from launch.yaml_config import read_config
 from models.routing import NUM_TIMESTEPS, build_masks
 from monitoring.training_log import read_metrics
+from sampling.seeded import FID_CFG_SCALE
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 GRID_SAMPLES_PER_CLASS = 8
 # viridis' two ends, the colours of the paper's Fig. 2: active channel yellow, inactive purple
 ACTIVE_RGB, INACTIVE_RGB = (253, 231, 37), (68, 1, 84)
@@ -458,7 +458,7 @@ def build_parser():
     parser.add_argument("--grid-cfg-scale", type=finite_float, default=4.0, help="official DiT's grid setting")
     parser.add_argument("--fid-sampler", type=str, choices=["ddpm", "ddim"], default="ddim")
     parser.add_argument("--fid-sampling-steps", type=int, default=25, help="fewer than the grid's: 500 images on CPU")
-    parser.add_argument("--fid-cfg-scale", type=finite_float, default=1.5, help="the paper's FID setting")
+    parser.add_argument("--fid-cfg-scale", type=finite_float, default=FID_CFG_SCALE, help="the paper's FID setting")
     parser.add_argument("--num-fid-samples", type=int, default=500)
     parser.add_argument("--ref-images", type=int, default=500, help="t10k images in the FID reference")
     parser.add_argument("--ref-seed", type=int, default=0, help="seed of the reference subset")

@@ -26,8 +26,8 @@ from foundation.usage_error import UsageError
 from launch.cli import make_output_dir, run_command
 from sampling.captioned_grid import captioned_grid
 from sampling.checkpoint_flags import add_checkpoint_arguments
-from sampling.seeded import (SAMPLERS, check_sampling_flags, generate, load_for_sampling, load_text_conditioning,
-                             parse_guide_channels, to_uint8)
+from sampling.seeded import (GRID_CFG_SCALE, SAMPLERS, check_sampling_flags, generate, load_for_sampling,
+                             load_text_conditioning, parse_guide_channels, to_uint8)
 from storage.pretrained import use_pretrained
 
 
@@ -86,7 +86,7 @@ def main(args):
     prompts = read_prompts(args.prompt, args.prompts_file)
     use_pretrained(args)  # released weights by name: downloaded once into the cache folder
 
-    model, settings, cfg_scale, diffusion, vae = load_for_sampling(args, device, default_cfg_scale=4.0)
+    model, settings, cfg_scale, diffusion, vae = load_for_sampling(args, device, default_cfg_scale=GRID_CFG_SCALE)
 
     if settings.text_encoder is not None:  # a text-to-image model: a grid of prompts, captions under the images
         if not prompts or args.class_labels is not None:
@@ -123,7 +123,7 @@ def build_parser():
                         help="ddpm: the paper's protocol; dpm-solver++ (2M) tracks FID at 20-25 steps")
     parser.add_argument("--num-sampling-steps", type=int, default=250)
     parser.add_argument("--cfg-scale", type=finite_float, default=None,
-                        help="default 4.0 for conditional models (official grid), 1 for unconditional; >= 0")
+                        help=f"default {GRID_CFG_SCALE} for conditional models (official grid), 1 for unconditional")
     parser.add_argument("--guide-channels", type=parse_guide_channels, default="all",
                         help="'all' latent channels, or 3 for official DiT's legacy 3-channel guidance")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,

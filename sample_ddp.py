@@ -39,7 +39,7 @@ from launch.process_group import add_launch_arguments, describe_distributed, set
 from sampling.checkpoint_flags import add_checkpoint_arguments
 from sampling.sample_shards import (check_shard_dir, checkpoint_paths, finished_shards, run_name, sampling_config,
                                     save_pngs, shard_path, write_npz, write_samples)
-from sampling.seeded import (SAMPLERS, check_sampling_flags, class_labels, generate, load_for_sampling,
+from sampling.seeded import (FID_CFG_SCALE, SAMPLERS, check_sampling_flags, class_labels, generate, load_for_sampling,
                              load_text_conditioning, model_function, parse_guide_channels, to_uint8,
                              validation_captions)
 from sampling.work_split import missing_intervals, rank_shards
@@ -68,7 +68,7 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = args.tf32
 
     use_pretrained(args)  # released weights by name: fetched once (ranks take turns on the cache folder)
-    model, settings, cfg_scale, diffusion, vae = load_for_sampling(args, device, default_cfg_scale=1.5)
+    model, settings, cfg_scale, diffusion, vae = load_for_sampling(args, device, default_cfg_scale=FID_CFG_SCALE)
     conditioning = None
     if settings.text_encoder is not None:  # text-to-image: captions from the validation annotations
         if args.captions is None:
@@ -160,7 +160,8 @@ def build_parser():
                         help="ddpm: the paper's protocol; dpm-solver++ (2M) tracks FID at 20-25 steps")
     parser.add_argument("--num-sampling-steps", type=int, default=250)
     parser.add_argument("--cfg-scale", type=finite_float, default=None,
-                        help="default 1.5 for conditional models (the paper's FID setting), 1 for unconditional; >= 0")
+                        help=f"default {FID_CFG_SCALE} for conditional models (the paper's FID setting), "
+                             "1 for unconditional")
     parser.add_argument("--guide-channels", type=parse_guide_channels, default="all",
                         help="'all' latent channels, or 3 for official DiT's legacy 3-channel guidance")
     parser.add_argument("--global-seed", type=int, default=0)

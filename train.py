@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
-from diffusion import create_diffusion
+from diffusion import NUM_TIMESTEPS, create_diffusion
 from foundation.usage_error import UsageError
 from imagedata.epoch_loader import EpochLoader
 from imagedata.unreadable_images import BatchesAhead, ReportUnreadable
@@ -61,6 +61,7 @@ from launch.preemption import PreemptionFlag, ignore_preemption_signals
 from launch.process_group import cleanup_distributed, describe_distributed, setup_distributed
 from models import create_model
 from models import model_config as model_config_of
+from models.routing import check_routing_covers
 from models.vae import LATENT_SCALE, NO_VAE, load_vae
 from monitoring.training_log import LossLog, close_logger, create_logger, truncate_metrics
 from monitoring.training_monitor import TrainingMonitor
@@ -124,9 +125,9 @@ def load_text_conditioning(args, dataset, device):
 
 def diffusion_config_of(args):
     """create_diffusion kwargs of this run (stored in checkpoints; the samplers respace them)."""
-    return dict(timestep_respacing="", noise_schedule=args.noise_schedule, learn_sigma=True, diffusion_steps=1000,
-                loss_weighting=args.loss_weighting, min_snr_gamma=args.snr_gamma, p2_k=args.p2_k,
-                p2_gamma=args.p2_gamma, ant_num_clusters=args.ant_num_clusters, ant_lr=args.ant_lr)
+    return dict(timestep_respacing="", noise_schedule=args.noise_schedule, learn_sigma=True,
+                diffusion_steps=NUM_TIMESTEPS, loss_weighting=args.loss_weighting, min_snr_gamma=args.snr_gamma,
+                p2_k=args.p2_k, p2_gamma=args.p2_gamma, ant_num_clusters=args.ant_num_clusters, ant_lr=args.ant_lr)
 
 
 def build_training_state(args, dataset, device, text=None):
@@ -139,6 +140,10 @@ def build_training_state(args, dataset, device, text=None):
     requires_grad(ema, False)
     diffusion_config = diffusion_config_of(args)
     diffusion = create_diffusion(**diffusion_config)
+    try:
+        check_routing_covers(model, diffusion.original_num_steps)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     weighting = diffusion.loss_weighting.to(device)  # ANT-UW's s_k train in their own optimizer group
     # fused AdamW: one kernel per tensor instead of ~10 (on CPU ~20x faster than the default loop)
     opt = torch.optim.AdamW([{"params": list(model.parameters())}, *weighting.param_groups()],

@@ -19,6 +19,7 @@ from foundation.flag_types import finite_float
 from foundation.usage_error import UsageError
 from launch.cli import run_command
 from models import DiT_models, create_model, model_names
+from models.routing import DTR_ALPHA, DTR_BETA
 from training.step_cost import build_training_step, forward_flops, timed
 
 MIN_WARMUP = 1  # untimed steps per model: the first one allocates, picks kernels and warms caches
@@ -107,8 +108,8 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=4, help="training images per step")
     parser.add_argument("--rounds", type=int, default=5, help="timed steps of each model")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--alpha", type=finite_float, default=4.0)
-    parser.add_argument("--beta", type=finite_float, default=0.8)
+    parser.add_argument("--alpha", type=finite_float, default=DTR_ALPHA)
+    parser.add_argument("--beta", type=finite_float, default=DTR_BETA)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     parser.add_argument("--device", type=str, default=None)
     parser.add_argument("--out", type=str, default=None, help="also write the markdown here")

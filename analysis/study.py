@@ -30,15 +30,15 @@ from evaluations.metrics import frechet_distance_of_features
 from foundation.atomic_file import atomic_write
 from foundation.flag_types import finite_float
 from foundation.usage_error import UsageError
-from imagedata.fashion_mnist import fashion_mnist_files
+from imagedata.fashion_mnist import DEBIAN_FASHION_MNIST, fashion_mnist_files
 from launch.cli import run_command
+from models.routing import DTR_ALPHA, DTR_BETA
 from models.vae import NO_VAE, load_vae
 from sampling.model_from_checkpoint import load_checkpoint
 from sampling.sample_shards import rgb, write_npz
 from sampling.seeded import SAMPLERS, class_labels, generate, timestep_respacing, to_uint8
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 ROUTING_LABELS = {"none": "vanilla", "random": "R-TR", "dtr": "DTR"}  # the paper's names (Table 1)
 ROUTING_COLORS = {"none": "tab:blue", "random": "tab:gray", "dtr": "tab:red"}
 # Pixel-space DiTs for 28x28 (or 8x8) Fashion-MNIST. Tokens: (image_size / patch_size) ** 2.
@@ -418,8 +418,8 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=finite_float, default=1e-3, help="the demo's: short runs need a large lr")
     parser.add_argument("--ema-decay", type=finite_float, default=0.995, help="horizon ~200 steps, fits a short run")
-    parser.add_argument("--alpha", type=finite_float, default=4.0, help="DTR window shift (Eq. 4)")
-    parser.add_argument("--beta", type=finite_float, default=0.8, help="share of active channels per task")
+    parser.add_argument("--alpha", type=finite_float, default=DTR_ALPHA, help="DTR window shift (Eq. 4)")
+    parser.add_argument("--beta", type=finite_float, default=DTR_BETA, help="share of active channels per task")
     parser.add_argument("--num-fid-samples", type=int, default=100)
     parser.add_argument("--ref-images", type=int, default=500, help="t10k images in the fixed FID reference")
     parser.add_argument("--ref-seed", type=int, default=0)

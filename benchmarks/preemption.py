@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from imagedata.fashion_mnist import DEBIAN_FASHION_MNIST
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -75,7 +77,7 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model", type=str, default="DiT-S/2")
-    parser.add_argument("--data-path", type=str, default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--data-path", type=str, default=DEBIAN_FASHION_MNIST)
     parser.add_argument("--batch-size", type=int, default=32, help="one GPU's share of the paper's batch 256")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)

@@ -33,6 +33,7 @@ import torch
 from foundation.flag_types import finite_float
 from launch.model_args import add_model_arg
 from models import ROUTING_KINDS, model_names
+from models.routing import DTR_ALPHA, DTR_BETA
 from training.step_cost import DTYPES, benchmark_captions, build_training_step, synchronize, timed
 
 
@@ -183,8 +184,8 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mixed-precision", type=str, choices=list(DTYPES), default="no")
     parser.add_argument("--routing", type=str, choices=ROUTING_KINDS, default="dtr")
-    parser.add_argument("--alpha", type=finite_float, default=4.0)
-    parser.add_argument("--beta", type=finite_float, default=0.8)
+    parser.add_argument("--alpha", type=finite_float, default=DTR_ALPHA)
+    parser.add_argument("--beta", type=finite_float, default=DTR_BETA)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model, as train.py --compile")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (ignored on GPU)")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each model per round)")

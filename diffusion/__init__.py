@@ -45,7 +45,7 @@ from . import gaussian_diffusion as gd
 from .guidance import ClassifierFreeGuidance
 from .loss_weighting import WEIGHTINGS
 from .respace import SpacedDiffusion, space_timesteps
-from .schedules import get_named_beta_schedule
+from .schedules import NUM_TIMESTEPS, PAPER_SCHEDULE, SCHEDULES, get_named_beta_schedule
 
 __all__ = ["create_diffusion", "ClassifierFreeGuidance", "SpacedDiffusion", "space_timesteps",
            "get_named_beta_schedule", "WEIGHTINGS"]
@@ -59,7 +59,7 @@ def create_diffusion(
     predict_xstart=False,
     learn_sigma=True,
     rescale_learned_sigmas=False,
-    diffusion_steps=1000,
+    diffusion_steps=NUM_TIMESTEPS,
     predict_v=False,
     loss_weighting="vanilla",
     min_snr_gamma=5.0,

@@ -4,7 +4,10 @@ import math
 
 import numpy as np
 
-SCHEDULES = ("linear", "squaredcos_cap_v2", "cosine")  # "cosine" is ADM's and the DTR release's name for squaredcos_cap_v2
+NUM_TIMESTEPS = 1000  # T, the diffusion steps of training (DDPM, ADM, DiT and the paper)
+# "cosine" is ADM's and the DTR release's name for squaredcos_cap_v2
+SCHEDULES = ("linear", "squaredcos_cap_v2", "cosine")
+PAPER_SCHEDULE = "squaredcos_cap_v2"  # the paper trains with the cosine schedule (App. C); official DiT with linear
 
 
 def linear_beta_schedule(num_diffusion_timesteps):

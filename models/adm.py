@@ -18,7 +18,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.dit import timestep_embedding
-from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps, make_block_router, validate_routing
+from models.label_dropout import CFG_DROP_PROB, drop_mask
+from models.routing import (DTR_ALPHA, DTR_BETA, NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps,
+                            make_block_router, validate_routing)
 
 NORM_GROUPS = 32  # guided-diffusion normalises with GroupNorm(32, C)
 
@@ -266,8 +268,8 @@ class ADM(nn.Module):
         conv_resample=True,
         use_new_attention_order=True,
         routing="none",
-        alpha=4.0,
-        beta=0.8,
+        alpha=DTR_ALPHA,
+        beta=DTR_BETA,
         routing_seed=0,
         grad_checkpointing=False,
     ):
@@ -277,7 +279,7 @@ class ADM(nn.Module):
         num_classes = 1 if num_classes is None else num_classes
         if class_dropout_prob is None:
             # As DiT: conditional models learn a null class for classifier-free guidance, unconditional ones not.
-            class_dropout_prob = 0.1 if num_classes > 1 else 0.0
+            class_dropout_prob = CFG_DROP_PROB if num_classes > 1 else 0.0
         self._validate(input_size, model_channels, num_res_blocks, channel_mult, attention_resolutions,
                        num_classes, dropout, class_dropout_prob)
         validate_routing(routing, NUM_TIMESTEPS, model_channels, alpha, beta)
@@ -431,11 +433,9 @@ class ADM(nn.Module):
         if force_drop_ids is None:
             if not (self.training and self.class_dropout_prob > 0):
                 return y
-            drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
-        else:
-            if self.class_dropout_prob == 0:
-                raise ValueError("force_drop_ids given, but this ADM has no null class (class_dropout_prob=0)")
-            drop = force_drop_ids == 1
+        elif self.class_dropout_prob == 0:
+            raise ValueError("force_drop_ids given, but this ADM has no null class (class_dropout_prob=0)")
+        drop = drop_mask(y.shape[0], self.class_dropout_prob, y.device, force_drop_ids)
         return torch.where(drop, self.num_classes, y)
 
     def _run(self, module, h, emb, t):

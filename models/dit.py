@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps, make_block_router, routed, validate_routing
+from models.label_dropout import CFG_DROP_PROB, drop_mask
+from models.routing import (DTR_ALPHA, DTR_BETA, NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps,
+                            make_block_router, routed, validate_routing)
 
 
 def modulate(x, shift, scale):
@@ -81,10 +83,7 @@ class LabelEmbedder(nn.Module):
 
     def token_drop(self, labels, force_drop_ids=None):
         """Replace labels by the null class, at random or where force_drop_ids == 1."""
-        if force_drop_ids is None:
-            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop_ids = force_drop_ids == 1
+        drop_ids = drop_mask(labels.shape[0], self.dropout_prob, labels.device, force_drop_ids)
         return torch.where(drop_ids, self.num_classes, labels)
 
     def forward(self, labels, train, force_drop_ids=None):
@@ -198,8 +197,8 @@ class DiT(nn.Module):
         num_classes=1000,
         learn_sigma=True,
         routing="none",
-        alpha=4.0,
-        beta=0.8,
+        alpha=DTR_ALPHA,
+        beta=DTR_BETA,
         routing_seed=0,
         grad_checkpointing=False,
     ):
@@ -208,7 +207,7 @@ class DiT(nn.Module):
             raise ValueError(f"num_classes must be >= 1 (1 = unconditional), got {num_classes}")
         if class_dropout_prob is None:
             # Unconditional models (num_classes = 1) get no label dropout and no null class.
-            class_dropout_prob = 0.1 if num_classes > 1 else 0.0
+            class_dropout_prob = CFG_DROP_PROB if num_classes > 1 else 0.0
         check_transformer_shape(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio)
         validate_routing(routing, NUM_TIMESTEPS, hidden_size, alpha, beta)
         self.config = dict(

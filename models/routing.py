@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffusion.schedules import NUM_TIMESTEPS  # T: one task per original diffusion timestep; tables are indexed by it
+
 ROUTING_KINDS = ("none", "dtr", "dtr-paper", "random", "cdtr", "ercdt")
-NUM_TIMESTEPS = 1000  # T: one task per original diffusion timestep 0..999; tables are indexed by it
+DTR_ALPHA, DTR_BETA = 4.0, 0.8  # the paper's DTR setting (Sec. 5): window shift exponent, share of active channels
 NUM_TIMESTEP_CLUSTERS = 8  # Appendix F: k = 8 uniform timestep clusters
 
 
@@ -115,7 +117,7 @@ def build_ercdt_masks(num_tasks, channels):
     return masks
 
 
-def build_masks(kind, num_tasks, channels, alpha=4.0, beta=0.8, seed=0):
+def build_masks(kind, num_tasks, channels, alpha=DTR_ALPHA, beta=DTR_BETA, seed=0):
     """Routing mask table of shape (num_tasks, channels) with 0/1 float entries."""
     validate_routing(kind, num_tasks, channels, alpha, beta)
     if kind == "none":
@@ -165,6 +167,18 @@ def make_block_router(kind, block_index, channels, alpha, beta, seed, num_tasks=
     return TaskRouter(kind, num_tasks, channels, alpha, beta, seed + block_index if kind == "random" else seed)
 
 
+def check_routing_covers(model, num_timesteps):
+    """ValueError unless each routing table of `model` has one row per diffusion timestep (T = num_timesteps).
+
+    The tables are indexed by the original timestep t, so a diffusion of another T would gather wrong rows (or
+    fail in the gather) instead of routing task t.
+    """
+    rows = sorted({m.num_tasks for m in model.modules() if isinstance(m, TaskRouter)})
+    if rows and rows != [num_timesteps]:
+        raise ValueError(f"the model's routing tables have {' / '.join(map(str, rows))} rows (one per timestep) but "
+                         f"the diffusion has T = {num_timesteps} timesteps; build both with the same T")
+
+
 def routed(block, z, mask, *args):
     """Eq. 8: (1 - m) * z + Block(m * z, ...), the block's inner residuals included; mask (N, 1, C) of 0/1.
 
@@ -182,7 +196,7 @@ class TaskRouter(nn.Module):
     configured table and rejected with a clear error otherwise.
     """
 
-    def __init__(self, kind, num_tasks, channels, alpha=4.0, beta=0.8, seed=0):
+    def __init__(self, kind, num_tasks, channels, alpha=DTR_ALPHA, beta=DTR_BETA, seed=0):
         super().__init__()
         self.kind, self.alpha, self.beta, self.seed = kind, alpha, beta, seed
         self.num_tasks, self.channels = num_tasks, channels

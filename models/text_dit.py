@@ -27,7 +27,9 @@ from torch.utils.checkpoint import checkpoint
 from models.dit import (Attention, DiT_SHAPES, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, check_transformer_shape,
                         initialize_dit_weights,
                         modulate)
-from models.routing import NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps, make_block_router, routed, validate_routing
+from models.label_dropout import CFG_DROP_PROB, drop_mask
+from models.routing import (DTR_ALPHA, DTR_BETA, NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps,
+                            make_block_router, routed, validate_routing)
 
 
 #################################################################################
@@ -106,11 +108,11 @@ class TextDiT(nn.Module):
         mlp_ratio=4.0,
         context_dim=768,
         max_text_len=77,
-        caption_dropout_prob=0.1,
+        caption_dropout_prob=CFG_DROP_PROB,
         learn_sigma=True,
         routing="none",
-        alpha=4.0,
-        beta=0.8,
+        alpha=DTR_ALPHA,
+        beta=DTR_BETA,
         routing_seed=0,
         grad_checkpointing=False,
     ):
@@ -198,10 +200,7 @@ class TextDiT(nn.Module):
         """Replace captions by the null caption, at random with caption_dropout_prob or where force_drop_ids == 1."""
         if self.null_context is None:
             raise ValueError("caption dropout needs caption_dropout_prob > 0 (the model has no null caption)")
-        if force_drop_ids is None:
-            drop_ids = torch.rand(context.shape[0], device=context.device) < self.caption_dropout_prob
-        else:
-            drop_ids = force_drop_ids == 1
+        drop_ids = drop_mask(context.shape[0], self.caption_dropout_prob, context.device, force_drop_ids)
         context = torch.where(drop_ids[:, None, None], self.null_context.to(context.dtype), context)
         if context_mask is not None:
             context_mask = context_mask | drop_ids[:, None]  # the null caption attends all its tokens

@@ -12,12 +12,12 @@ from PIL import Image
 
 from diffusion import create_diffusion
 from foundation.atomic_file import atomic_write
+from models.label_dropout import CFG_DROP_PROB
 from models.vae import LATENT_SCALE
-from sampling.seeded import class_labels, generate, resolve_cfg_scale, to_uint8
+from sampling.seeded import FID_CFG_SCALE, class_labels, generate, resolve_cfg_scale, to_uint8
 
 GRID_SAMPLES = 16  # a 4 x 4 grid
 GRID_STEPS = 50    # DDIM steps: enough to see structure, cheap next to thousands of training steps
-GRID_CFG = 1.5     # the paper's sampling scale for conditional models (unconditional ones: none)
 
 
 def tile(images, columns=4):
@@ -37,7 +37,8 @@ def ema_sample_grid(ema, diffusion_config, global_seed, vae=None, latent_scale=L
     diffusion = create_diffusion(**{**diffusion_config, "timestep_respacing": f"ddim{GRID_STEPS}"})
     indices = list(range(GRID_SAMPLES))
     labels = class_labels(indices, ema.num_classes, global_seed, balanced=True)
-    cfg_scale = resolve_cfg_scale(None, ema.num_classes, GRID_CFG, ema.config.get("class_dropout_prob", 0.1))
+    cfg_scale = resolve_cfg_scale(None, ema.num_classes, FID_CFG_SCALE,
+                                  ema.config.get("class_dropout_prob", CFG_DROP_PROB))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         samples = generate(ema, diffusion, "ddim", indices, labels, global_seed, cfg_scale,
                            clip_denoised=vae is None)  # (16, C, H, W) in model space

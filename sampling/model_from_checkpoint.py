@@ -21,7 +21,7 @@ import torch
 
 from foundation.usage_error import UsageError
 from models import ADM, DiT, build_from_config, create_model, family_of
-from models.routing import TaskRouter
+from models.routing import DTR_ALPHA, DTR_BETA, TaskRouter
 from models.vae import LATENT_DOWNSAMPLE, LATENT_SCALE, vae_name
 from storage.authors_checkpoint import carries_release_routing_tables, release_settings
 from storage.checkpoint import read_checkpoint
@@ -30,7 +30,7 @@ from storage.checkpoint import read_checkpoint
 # Official DiT's defaults, used only for files that do not say how they were trained.
 OFFICIAL_DEFAULTS = {
     "model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "routing": "none",
-    "alpha": 4.0, "beta": 0.8, "routing_seed": 0, "noise_schedule": "linear",
+    "alpha": DTR_ALPHA, "beta": DTR_BETA, "routing_seed": 0, "noise_schedule": "linear",
     "vae": "stabilityai/sd-vae-ft-ema",
 }
 # Per backbone family, what its public raw state_dicts were trained with (num_classes: the zoo entry's).

@@ -16,7 +16,8 @@ from diffusion.dpm_solver import dpm_solver_pp_sample_loop
 from diffusion.guidance import ClassifierFreeGuidance
 from diffusion.respace import space_timesteps
 from foundation.usage_error import UsageError
-from models.routing import NUM_TIMESTEPS
+from models.label_dropout import CFG_DROP_PROB
+from models.routing import NUM_TIMESTEPS, check_routing_covers
 from models.vae import LATENT_SCALE, decode, load_vae
 from sampling.checkpoint_flags import checkpoint_flags
 from sampling.experts import check_lone_expert, load_experts
@@ -25,6 +26,9 @@ from sampling.model_from_checkpoint import load_checkpoint
 
 # --sampler choices: ancestral DDPM (the paper's protocol), DDIM (eta = 0), DPM-Solver++(2M) (diffusion/dpm_solver.py)
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+# Classifier-free guidance scales of conditional models when --cfg-scale is not given:
+FID_CFG_SCALE = 1.5   # the paper's FID setting (DDPM-250, cfg 1.5), sample_ddp.py and train.py's EMA grids
+GRID_CFG_SCALE = 4.0  # official DiT's sample.py grid, sample.py
 
 # Independent random streams of one sample.
 LABEL_STREAM, NOISE_STREAM, CAPTION_STREAM = 0, 1, 2
@@ -124,7 +128,7 @@ def timestep_respacing(sampler, num_sampling_steps):
         sampler, str(num_sampling_steps))
 
 
-def resolve_cfg_scale(cfg_scale, num_classes, default, class_dropout_prob=0.1):
+def resolve_cfg_scale(cfg_scale, num_classes, default, class_dropout_prob=CFG_DROP_PROB):
     """CFG scale to use: `default` for conditional models, 1 (no guidance) for unconditional ones and for
     conditional ones without a null class (guided-diffusion's released ADM, trained without label dropout)."""
     if num_classes == 1 or class_dropout_prob == 0:
@@ -204,11 +208,15 @@ def load_for_sampling(args, device, default_cfg_scale):
         check_lone_expert(settings, paths[0], getattr(args, "allow_partial_expert", False))
     model = model.to(device)
     # a text model is conditional (no num_classes); its null condition is the learned null caption
-    dropout = model.config.get("class_dropout_prob", model.config.get("caption_dropout_prob", 0.1))
+    dropout = model.config.get("class_dropout_prob", model.config.get("caption_dropout_prob", CFG_DROP_PROB))
     cfg_scale = resolve_cfg_scale(args.cfg_scale, getattr(model, "num_classes", None), default=default_cfg_scale,
                                   class_dropout_prob=dropout)
     respacing = timestep_respacing(args.sampler, args.num_sampling_steps)
     diffusion = create_diffusion(**{**settings.diffusion_config, "timestep_respacing": respacing})
+    try:
+        check_routing_covers(model, diffusion.original_num_steps)
+    except ValueError as error:
+        raise UsageError(f"{' '.join(paths)}: {error}") from None
     vae = None if settings.vae == "none" else load_vae(settings.vae, device)
     return model, settings, cfg_scale, diffusion, vae
 

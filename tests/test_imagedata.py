@@ -10,9 +10,10 @@ from PIL import Image
 
 from imagedata import (BadImageError, build_dataset, center_crop_arr, detect_kind, flip_decision, read_idx,
                        read_manifest)
+from imagedata.fashion_mnist import DEBIAN_FASHION_MNIST
 from imagedata.latents import LatentFeatureDataset, sample_posterior, write_manifest, write_shard
 
-FASHION_MNIST_SYSTEM = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_SYSTEM = DEBIAN_FASHION_MNIST
 
 
 def save_rgb(path, color, size=(12, 10)):

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from models.routing import ROUTING_KINDS, TaskRouter, active_channels, build_masks, check_timesteps
+from models import DiT
+from models.routing import (ROUTING_KINDS, TaskRouter, active_channels, build_masks, check_routing_covers,
+                            check_timesteps)
 
 T, C = 1000, 64
 
@@ -167,6 +169,14 @@ def test_every_kind_keeps_its_row_rule_with_fewer_tasks_than_clusters():
         masks = build_masks(kind, tasks, channels, alpha, beta)
         assert masks.shape == (tasks, channels) and ((masks == 0) | (masks == 1)).all(), kind
         assert rule(masks), kind
+
+
+def test_a_diffusion_of_another_length_than_the_tables_is_refused():
+    model = DiT(input_size=8, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=2, routing="dtr")
+    check_routing_covers(model, T)  # tables of T rows, one per timestep
+    with pytest.raises(ValueError, match="1000 rows .* T = 500"):
+        check_routing_covers(model, 500)
+    check_routing_covers(DiT(input_size=8, patch_size=4, hidden_size=32, depth=1, num_heads=2), 500)  # no tables
 
 
 def test_router_gathers_one_row_per_timestep():

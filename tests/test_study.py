@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from analysis import study
+from imagedata.fashion_mnist import DEBIAN_FASHION_MNIST
 
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST = DEBIAN_FASHION_MNIST
 
 
 def toy_args(out, *extra):

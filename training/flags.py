@@ -4,7 +4,7 @@ import argparse
 import math
 import os
 
-from diffusion import WEIGHTINGS
+from diffusion import PAPER_SCHEDULE, SCHEDULES, WEIGHTINGS
 from foundation.flag_types import finite_float
 from foundation.usage_error import UsageError
 from imagedata import KINDS as DATA_KINDS
@@ -12,7 +12,7 @@ from launch.model_args import add_model_arg
 from launch.process_group import add_launch_arguments, default_num_workers
 from launch.yaml_config import parse_with_config
 from models import ROUTING_KINDS, TextDiT, check_overrides, family_of, model_names
-from models.routing import NUM_TIMESTEPS
+from models.routing import DTR_ALPHA, DTR_BETA, NUM_TIMESTEPS
 from monitoring.tensorboard_log import tensorboard_available
 from training.fast_path import PRECISIONS
 
@@ -23,7 +23,6 @@ MODEL_ARGS_SET_BY_TRAIN = {"input_size": "--image-size and the data", "in_channe
                            "routing": "--routing", "alpha": "--alpha", "beta": "--beta",
                            "routing_seed": "--routing-seed", "grad_checkpointing": "--grad-checkpointing",
                            "context_dim": "--text-encoder", "max_text_len": "--text-encoder"}
-NOISE_SCHEDULES = ("squaredcos_cap_v2", "cosine", "linear")  # cosine = squaredcos_cap_v2 (ADM's / the release's name)
 
 
 def build_parser():
@@ -57,15 +56,15 @@ def build_parser():
     model.add_argument("--routing", type=str, choices=ROUTING_KINDS, default="none",
                        help="none = vanilla; dtr = DTR (Sec. 4, as the authors' code); dtr-paper = Eq. 4 as printed; "
                             "random = R-TR (Sec. 4.2); cdtr, ercdt = the clustered variants of App. F")
-    model.add_argument("--alpha", type=finite_float, default=4.0, help="DTR window shift exponent (Eq. 4)")
-    model.add_argument("--beta", type=finite_float, default=0.8, help="share of active channels per task")
+    model.add_argument("--alpha", type=finite_float, default=DTR_ALPHA, help="DTR window shift exponent (Eq. 4)")
+    model.add_argument("--beta", type=finite_float, default=DTR_BETA, help="share of active channels per task")
     model.add_argument("--routing-seed", type=int, default=0, help="seed of the R-TR masks")
     model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     model.add_argument("--text-encoder", type=str, default="openai/clip-vit-large-patch14",
                        help="text models: frozen CLIP text encoder, a hub name or a local directory (recorded in "
                             "checkpoints)")
     diff = parser.add_argument_group("diffusion")
-    diff.add_argument("--noise-schedule", type=str, choices=NOISE_SCHEDULES, default="squaredcos_cap_v2",
+    diff.add_argument("--noise-schedule", type=str, choices=SCHEDULES, default=PAPER_SCHEDULE,
                       help="squaredcos_cap_v2 or its other name cosine (paper); linear = official DiT")
     diff.add_argument("--loss-weighting", type=str, choices=WEIGHTINGS, default="vanilla")
     diff.add_argument("--timestep-range", type=int, nargs=2, metavar=("LO", "HI"), default=None,

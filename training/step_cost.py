@@ -8,7 +8,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from diffusion import create_diffusion
+from diffusion import PAPER_SCHEDULE, create_diffusion
 from models import create_model
 from training.ema import EMAUpdater
 from training.fast_path import autocast_model, compile_for_training
@@ -71,7 +71,7 @@ def build_training_step(args, routing, device, model_name=None, encoder=None):
     model = create_model(model_name or args.model, **(args.model_args or {}), **shape, routing=routing,
                          alpha=args.alpha, beta=args.beta).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    diffusion = create_diffusion(timestep_respacing="", noise_schedule="squaredcos_cap_v2")
+    diffusion = create_diffusion(timestep_respacing="", noise_schedule=PAPER_SCHEDULE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)  # as train.py
     dtype = DTYPES[args.mixed_precision]
     if args.compile:  # as train.py --compile: each block and the loss
