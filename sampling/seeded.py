@@ -95,16 +95,17 @@ class PerSampleNoise:
         self.shape = tuple(shape)
         if self.chunk is None or self.position == self.CHUNK_CALLS:
             self.chunk, self.position = self._draw_chunk(tuple(shape[1:])), 0
-        noise = self.chunk[self.position]  # (N, ...), contiguous
+        noise = self.chunk[:, self.position]  # (N, ...), a strided view: no copy
         self.position += 1
         return noise
 
     def _draw_chunk(self, sample_shape):
-        """(CHUNK_CALLS, N, ...) noise on the device: each generator's next CHUNK_CALLS draws."""
-        draws = torch.stack([torch.randn((self.CHUNK_CALLS, *sample_shape), generator=g) for g in self.generators],
-                            dim=1)  # (calls, N, ...)
-        if self.device.type == "cuda":
-            draws = draws.pin_memory()  # a pinned source lets the copy run without blocking the host
+        """(N, CHUNK_CALLS, ...) noise on the device: each generator's next CHUNK_CALLS draws."""
+        # pinned host memory lets the copy to a GPU run without blocking the host
+        draws = torch.empty((len(self.generators), self.CHUNK_CALLS, *sample_shape),
+                            pin_memory=self.device.type == "cuda")
+        for i, g in enumerate(self.generators):
+            torch.randn((self.CHUNK_CALLS, *sample_shape), generator=g, out=draws[i])  # in place: no stack copy
         return draws.to(self.device, non_blocking=True)
 
 def check_sampling_flags(args):
