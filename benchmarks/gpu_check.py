@@ -173,8 +173,9 @@ def count_syncs(fn, device):
 #                                    Checks                                     #
 #################################################################################
 
-def check_process_group(device, rows):
-    """nccl (GPU) / gloo (CPU) through the project's launcher, an all-reduce, one DDP training step."""
+def check_process_group(device, rows, compile_backend=None):
+    """nccl (GPU) / gloo (CPU) through the project's launcher, an all-reduce, DDP training steps (compiled blocks
+    inside DDP with compile_backend, as train.py --compile)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -188,9 +189,12 @@ def check_process_group(device, rows):
         synchronize(pg_device)
         rows.append(("process group", f"{dist.get_backend()} via launch.process_group",
                      f"all_reduce ok={bool(ones.eq(1).all())}, {time.perf_counter() - start:.2f} s"))
-        trainer = Trainer(build_model(SMOKE["dit"], pg_device), pg_device, 4, "no", ddp=True)
+        trainer = Trainer(build_model(SMOKE["dit"], pg_device), pg_device, 4, "no", ddp=True,
+                          compile_backend=compile_backend)
         losses = [trainer.step().item() for _ in range(2)]
-        rows.append(("DDP step", "gradient_as_bucket_view, static_graph", f"2 steps, loss {losses[-1]:.4f}"))
+        rows.append(("DDP step", "gradient_as_bucket_view, static_graph" +
+                     (f", blocks compiled ({compile_backend})" if compile_backend else ""),
+                     f"2 steps, loss {losses[-1]:.4f}"))
     finally:
         cleanup_distributed()
         for k, v in saved.items():
@@ -412,7 +416,7 @@ def main(argv=None):
     started = time.perf_counter()
     rows = []
     checks = [
-        lambda: check_process_group(device, rows),
+        lambda: check_process_group(device, rows, None if smoke else backend),  # smoke: compile tested below
         lambda: check_attention(specs, device, torch.float32 if smoke else torch.bfloat16, rows),
         lambda: check_syncs(specs, device, precision, rows),
         lambda: check_bf16(specs, device, 4 if smoke else 8, rows),
