@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from foundation.flag_types import check_at_least
 from foundation.usage_error import UsageError
 from imagedata import BadImageError, ImageFileDataset, build_dataset
 from imagedata.latents import ShardCollector, read_shard_record, shard_is_finished, shard_range, write_manifest
@@ -62,11 +63,8 @@ class FlaggedImages(Dataset):
 def main(args):
     """Encode every image of --data-path and its flip; write this rank's shards, then rank 0 the manifest."""
     torch.manual_seed(args.global_seed)  # outputs are posterior moments, so they do not depend on it
-    for flag in ("shard_size", "batch_size", "image_size"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.num_workers < 0:
-        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
+    check_at_least(args, 1, "shard_size", "batch_size", "image_size")
+    check_at_least(args, 0, "num_workers")
     rank, world_size, device = setup_distributed(args.device, args.dist_timeout)
     if rank == 0:
         print(describe_distributed(world_size, device))

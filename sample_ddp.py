@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from foundation.atomic_file import atomic_write
-from foundation.flag_types import finite_float
+from foundation.flag_types import check_at_least, finite_float
 from foundation.usage_error import UsageError
 from launch.cli import check_on_every_rank, make_output_dir, run_command
 from launch.process_group import add_launch_arguments, describe_distributed, setup_distributed
@@ -53,13 +53,7 @@ from storage.run_folder import remove_stale_temp_files
 @torch.no_grad()  # sampling only; a decorator, so callers' grad mode is left as it was
 def main(args):
     """Sample the shards this process owns, then (rank 0) join all shards into one .npz."""
-    if args.num_fid_samples < 1:
-        raise UsageError(f"--num-fid-samples must be >= 1, got {args.num_fid_samples}")
-    for flag in ("shard_size", "per_proc_batch_size"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.max_shards is not None and args.max_shards < 1:
-        raise UsageError(f"--max-shards must be >= 1, got {args.max_shards}")
+    check_at_least(args, 1, "num_fid_samples", "shard_size", "per_proc_batch_size", "max_shards")
     check_sampling_flags(args)
     rank, world_size, device = setup_distributed(args.device, args.dist_timeout)
     distributed = dist.is_initialized()  # under torchrun; a plain process runs alone

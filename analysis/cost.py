@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from foundation.atomic_file import atomic_write
-from foundation.flag_types import finite_float
+from foundation.flag_types import check_at_least, finite_float
 from foundation.usage_error import UsageError
 from launch.cli import run_command
 from models import DiT_models, create_model, model_names
@@ -75,9 +75,7 @@ def main(args):
     unknown = [m for m in args.models if m not in model_names()]
     if unknown:
         raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected names from {', '.join(model_names())}")
-    for flag in ("batch_size", "rounds", "input_size", "in_channels", "num_classes", "threads"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_at_least(args, 1, "batch_size", "rounds", "input_size", "in_channels", "num_classes", "threads")
     if args.warmup < MIN_WARMUP or args.rounds < MIN_ROUNDS:
         # --warmup 0 --rounds 1 once reported DTR 2.06x faster: the vanilla model's first step paid the setup
         raise UsageError(f"--warmup {args.warmup} --rounds {args.rounds} is too small to time anything: the first "

@@ -28,7 +28,7 @@ import numpy as np
 from diffusion import create_diffusion
 from evaluations.metrics import frechet_distance_of_features
 from foundation.atomic_file import atomic_write
-from foundation.flag_types import finite_float
+from foundation.flag_types import check_at_least, finite_float
 from foundation.usage_error import UsageError
 from imagedata.fashion_mnist import DEBIAN_FASHION_MNIST, fashion_mnist_files
 from launch.cli import run_command
@@ -317,9 +317,7 @@ def study_settings(args):
 
 def check_args(args):
     """One clear error for bad flags, before anything runs or is written."""
-    for flag in ("steps", "eval_every", "batch_size", "sampling_steps", "threads", "ref_images"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_at_least(args, 1, "steps", "eval_every", "batch_size", "sampling_steps", "threads", "ref_images")
     if args.steps % args.eval_every != 0:
         raise UsageError(f"--eval-every {args.eval_every} must divide --steps {args.steps} (the last evaluation "
                          "is the final checkpoint)")

@@ -16,6 +16,7 @@ from evaluations.batch_npz import image_size_of, read_batch, write_npz_atomic
 from evaluations.inception import InceptionFeatures
 from evaluations.metrics import feature_statistics, frechet_distance_of_features, inception_score, precision_recall
 from foundation.atomic_file import atomic_write_json
+from foundation.flag_types import check_at_least
 from foundation.usage_error import UsageError
 from launch.cli import check_writable, make_output_dir, run_command
 
@@ -162,8 +163,7 @@ def load_inception(weights, device):
 
 def main(args):
     """Evaluate a sample batch against a reference batch; print and save the metrics."""
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_at_least(args, 1, "batch_size")
     device = inference_device(args.device)
     output = args.output or os.path.splitext(args.sample_batch)[0] + ".metrics.json"
     check_writable(output, "--output")  # before hours of feature extraction

@@ -17,6 +17,7 @@ from PIL import Image
 from evaluations.batch_npz import as_rgb_images, write_npz_atomic
 from evaluations.evaluator import inference_device, load_inception
 from evaluations.metrics import feature_statistics
+from foundation.flag_types import check_at_least
 from foundation.usage_error import UsageError
 from imagedata.center_crop import center_crop_arr
 from imagedata.coco import coco_image_dataset
@@ -55,11 +56,7 @@ def load_reference_images(dataset, data_path, image_size, num_images, seed, spli
 
 def main(args):
     """Write the reference npz, with Inception statistics unless --no-statistics."""
-    for flag in ("image_size", "num_images"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_at_least(args, 1, "image_size", "num_images", "batch_size")
     image_size = args.image_size or (None if args.dataset == "fashion-mnist" else 256)
     check_writable(args.output, "--output")
     inception = None if args.no_statistics else load_inception(args.inception_weights, inference_device(args.device))

@@ -1,6 +1,9 @@
-"""argparse types for numbers: a bad value is a one-line `prog: error: argument --flag: ...` before anything runs."""
+"""Numbers on the command line: argparse types (a bad value is a one-line `prog: error: argument --flag: ...`) and
+the range check every script runs on its counts before anything is read or written."""
 import argparse
 import math
+
+from foundation.usage_error import UsageError
 
 
 def finite_float(text):
@@ -12,3 +15,14 @@ def finite_float(text):
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def check_at_least(args, minimum, *flags):
+    """UsageError `--flag must be >= minimum, got value` for the first of `flags` (argparse dests) below minimum.
+
+    A flag left at None (not given, where None means "unset") is skipped.
+    """
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < minimum:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")

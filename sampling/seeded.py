@@ -15,6 +15,7 @@ from diffusion import create_diffusion
 from diffusion.dpm_solver import dpm_solver_pp_sample_loop
 from diffusion.guidance import ClassifierFreeGuidance
 from diffusion.respace import space_timesteps
+from foundation.flag_types import check_at_least
 from foundation.usage_error import UsageError
 from models.label_dropout import CFG_DROP_PROB
 from models.routing import NUM_TIMESTEPS, check_routing_covers
@@ -110,8 +111,7 @@ class PerSampleNoise:
 
 def check_sampling_flags(args):
     """UsageError for sampling flags that cannot work, before the checkpoint is read (sample.py, sample_ddp.py)."""
-    if args.num_sampling_steps < 1:
-        raise UsageError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
+    check_at_least(args, 1, "num_sampling_steps")
     try:  # official DiT's respacing rules: e.g. DDIM needs an integer stride < T, so ddim1 is refused
         space_timesteps(NUM_TIMESTEPS, timestep_respacing(args.sampler, args.num_sampling_steps))
     except ValueError as error:

@@ -5,7 +5,7 @@ import math
 import os
 
 from diffusion import PAPER_SCHEDULE, SCHEDULES, WEIGHTINGS
-from foundation.flag_types import finite_float
+from foundation.flag_types import check_at_least, finite_float
 from foundation.usage_error import UsageError
 from imagedata import KINDS as DATA_KINDS
 from launch.model_args import add_model_arg
@@ -164,9 +164,8 @@ def validate_args(args):
         raise UsageError(f"--beta must lie in (0, 1], got {args.beta}")
     if args.feature_path is not None and args.vae == "none":
         raise UsageError("--vae none trains in pixel space; it cannot be combined with --feature-path latents")
-    for flag in ("global_batch_size", "log_every", "ckpt_every", "epochs", "image_size", "num_classes"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_at_least(args, 1, "global_batch_size", "log_every", "ckpt_every", "epochs", "image_size", "num_classes",
+                   "keep_last", "keep_every", "sample_every", "max_steps", "ant_num_clusters")
     if args.resume == "auto" and args.exp_name is None:
         raise UsageError("--resume auto needs --exp-name NAME: a numbered run folder is new at every start")
     if args.exp_name is not None and (not args.exp_name or os.sep in args.exp_name or args.exp_name in (".", "..")):
@@ -176,17 +175,10 @@ def validate_args(args):
         if own != os.path.abspath(os.path.join(args.results_dir, args.exp_name)):
             raise UsageError(f"--resume {args.resume} continues in its own run folder {own}, not --exp-name "
                              f"{args.exp_name}; drop --exp-name, or use --resume auto")
-    for flag in ("keep_last", "keep_every"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.sample_every is not None and args.sample_every < 1:
-        raise UsageError(f"--sample-every must be >= 1, got {args.sample_every}")
     if args.tensorboard and not tensorboard_available():
         raise UsageError("--tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\"")
     if args.keep_every is not None and args.keep_last is None:
         raise UsageError("--keep-every only spares checkpoints from --keep-last pruning; give --keep-last K too")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
     if not 0 <= args.ema_decay <= 1:
         raise UsageError(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
     if not args.lr > 0:
@@ -194,8 +186,6 @@ def validate_args(args):
     for flag in ("snr_gamma", "p2_k", "p2_gamma", "ant_lr"):  # loss weightings (diffusion/loss_weighting.py)
         if not getattr(args, flag) > 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be a finite number > 0, got {getattr(args, flag)}")
-    if args.ant_num_clusters < 1:
-        raise UsageError(f"--ant-num-clusters must be >= 1, got {args.ant_num_clusters}")
     if args.timestep_range is not None:
         lo, hi = args.timestep_range
         if not 0 <= lo <= hi < NUM_TIMESTEPS:
