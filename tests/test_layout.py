@@ -13,6 +13,8 @@ FLOORS = {
     "analysis": 5, "benchmarks": 5,
 }
 SCRIPT_FLOOR = 4
+# demo.py shows the project off with analysis' own tools (the study's FID scorer, the Fig. 2 mask plot): top floor
+TOP_SCRIPTS = {"demo": 5}
 # Below-floor imports that are still out: storage reads and writes files and never builds a model.
 EXCLUDED = {"storage": {"models", "diffusion"}}
 SKIPPED = {"tests", "docs", "configs", "results", "data", "samples", "features"}
@@ -79,7 +81,7 @@ def test_every_package_has_a_floor():
 
 def test_imports_only_go_down_and_never_in_a_cycle():
     graph = import_graph()
-    floor = lambda unit: FLOORS.get(unit, SCRIPT_FLOOR)
+    floor = lambda unit: FLOORS.get(unit, TOP_SCRIPTS.get(unit, SCRIPT_FLOOR))
     upward = sorted(f"{a} (floor {floor(a)}) -> {b} (floor {floor(b)})"
                     for a, targets in graph.items() for b in targets if floor(b) > floor(a))
     assert upward == []
