@@ -24,7 +24,7 @@ from analysis.study import ROUTING_COLORS, ROUTING_LABELS, CheckpointScorer
 from evaluations.batch_npz import write_npz_atomic
 from evaluations.make_reference import load_reference_images
 from foundation.atomic_file import atomic_write
-from foundation.flag_types import finite_float
+from foundation.flag_types import check_at_least, finite_float
 from foundation.usage_error import UsageError
 from imagedata.fashion_mnist import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, fashion_mnist_files
 from launch.cli import make_output_dir, run_command
@@ -242,12 +242,8 @@ def finished_run(record, settings):
 
 def main(args):
     """Train, sample and score each routing, then write <out>/report.md; returns the output folder."""
-    for flag in ("num_fid_samples", "ref_images", "nproc", "grid_steps", "fid_steps"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("grid_cfg_scale", "fid_cfg_scale"):
-        if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    check_at_least(args, 1, "num_fid_samples", "ref_images", "nproc", "grid_steps", "fid_steps")
+    check_at_least(args, 0, "grid_cfg_scale", "fid_cfg_scale")
     try:
         fashion_mnist_files(args.data_path, "train"), fashion_mnist_files(args.data_path, "test")
     except (OSError, ValueError):
