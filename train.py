@@ -14,7 +14,9 @@ ADM-ImageNet64, ADM-FFHQ64);
 The flags, the YAML --config beneath them and their checks are in training/flags.py.
 
 Defaults are the paper's setting: AdamW lr 1e-4 without weight decay, EMA 0.9999, random horizontal flip,
-cosine schedule over 1000 steps, learned sigma. Runs under torchrun or srun (nccl on GPU, gloo on CPU) or as a
+cosine schedule over 1000 steps, learned sigma; the model runs under bf16 autocast on GPUs with bf16 (the authors'
+release trained in mixed precision; --mixed-precision no for fp32), the loss and optimiser stay fp32
+(training/fast_path.py, with DDP's settings and --compile's per-block compile). Runs under torchrun or srun (nccl on GPU, gloo on CPU) or as a
 plain single process. Every global batch is the same whatever the world size: the sampler splits each global batch
 over ranks, and the timesteps, noise and label dropout of a step are drawn for the whole global batch from a
 generator seeded by (global seed, step), each rank taking its own samples. So 2 ranks x B match 1 rank x 2B,
