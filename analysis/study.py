@@ -29,6 +29,7 @@ from diffusion import create_diffusion
 from evaluations.metrics import frechet_distance_of_features
 from foundation.atomic_file import atomic_write
 from foundation.flag_types import check_at_least, finite_float
+from foundation.settings_diff import differing_settings
 from foundation.usage_error import UsageError
 from imagedata.fashion_mnist import DEBIAN_FASHION_MNIST, fashion_mnist_files
 from launch.cli import run_command
@@ -340,8 +341,7 @@ def load_results(path, settings):
     with open(path) as f:
         results = json.load(f)
     # More seeds or routings only add runs (each run is keyed by both); anything else changes the numbers.
-    changed = sorted(k for k in (set(settings) | set(results["settings"])) - {"seeds", "routings"}
-                     if settings.get(k) != results["settings"].get(k))
+    changed = differing_settings(results["settings"], settings, ignore=("seeds", "routings"))
     if changed:
         raise UsageError(f"{path} was made with other settings ({', '.join(changed)} differ); use another --out "
                          "or the same flags")

@@ -13,6 +13,7 @@ import zipfile
 import numpy as np
 
 from foundation.atomic_file import atomic_write
+from foundation.settings_diff import describe_differences
 from foundation.usage_error import UsageError
 
 SHARD_NAME = re.compile(r"^shard_(\d{6,})_(\d{6,})\.npz$")  # shard_<start>_<stop>.npz
@@ -89,10 +90,9 @@ def check_shard_dir(shard_dir, config):
         return
     with open(path) as f:
         stored = json.load(f)
-    differ = [f"{k}: {stored.get(k)!r} there vs {config.get(k)!r} now"
-              for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
+    differ = describe_differences(stored, config, "the folder's", "now")
     if differ:
-        raise UsageError(f"{shard_dir} holds shards of another configuration ({'; '.join(differ)}); "
+        raise UsageError(f"{shard_dir} holds shards of another configuration ({differ}); "
                          "use another --sample-dir or restore the original settings (no shard was deleted)")
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from foundation.atomic_file import atomic_write
+from foundation.settings_diff import describe_differences
 from foundation.usage_error import UsageError
 from storage.authors_checkpoint import load_with_omegaconf_config
 from storage.checkpoint_integrity import integrity_problem, write_sealed
@@ -73,12 +74,9 @@ def check_resume_compatible(checkpoint, path, model_config, diffusion_config):
     """Refuse to resume a checkpoint of another model, routing or diffusion setup; name what differs."""
     for label, saved, current in (("model", checkpoint["model_config"], model_config),
                                   ("diffusion", checkpoint["diffusion_config"], diffusion_config)):
-        keys = sorted(set(saved) | set(current))
-        diff = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
-                for k in keys if saved.get(k) != current.get(k) and k != "grad_checkpointing"]
+        diff = describe_differences(saved, current, "checkpoint", "this run", ignore=("grad_checkpointing",))
         if diff:
-            raise UsageError(f"cannot resume {path}: its {label} config differs from this run's "
-                             f"({'; '.join(diff)})")
+            raise UsageError(f"cannot resume {path}: its {label} config differs from this run's ({diff})")
 
 
 def restore_training_state(state, checkpoint, path="the checkpoint"):

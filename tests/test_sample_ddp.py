@@ -114,7 +114,7 @@ def test_shard_dir_of_another_configuration_is_an_error_and_keeps_its_shards(ckp
     other = tmp_path / "other-run" / os.path.basename(ckpt)  # same file name, so the same run name
     other.parent.mkdir()
     shutil.copy(ckpt, other)
-    with pytest.raises(ValueError, match="another configuration.*ckpt: .* there vs .*other-run.* now"):
+    with pytest.raises(ValueError, match="another configuration.*ckpt: the folder's .* vs now .*other-run"):
         run(str(other), tmp_path)
     assert sorted(os.listdir(shard_dir)) == before
 
