@@ -5,6 +5,8 @@ import pytest
 
 from analysis import cost
 from command_line import run_cli
+from dit_closed_forms import official_forward_flops, official_parameter_count
+from training.step_cost import build_training_step
 
 
 def test_dit_s2_cost_matches_the_dit_paper():
@@ -12,22 +14,49 @@ def test_dit_s2_cost_matches_the_dit_paper():
     # DiT paper Table 4: DiT-S/2 has 33M parameters and 6.06 GFLOPs of multiply-adds (12.1 GFLOPs here)
     assert params == pytest.approx(33.0e6, rel=0.01)
     assert gflops == pytest.approx(2 * 6.06, rel=0.01)
+    # ...exactly the closed forms of its layer shapes
+    assert params == official_parameter_count(12, 384, 2)
+    assert gflops == official_forward_flops(12, 384, 2) / 1e9
 
 
-def test_cost_table_measures_both_routings(tmp_path, capsys, monkeypatch):
-    # the table's contents, not a timing: one round (the refusal of such a budget has its own test)
-    monkeypatch.setattr(cost, "MIN_WARMUP", 0)
-    monkeypatch.setattr(cost, "MIN_ROUNDS", 1)
+class ScriptedClock:
+    """Stands in for training.step_cost.timed: returns the next scripted seconds of the step's routing.
+
+    Each step really runs once (its warm-up call), so the table still comes from train.py's step.
+    """
+
+    def __init__(self, seconds):
+        self.seconds = {routing: iter(values) for routing, values in seconds.items()}
+        self.routing_of = {}  # id(step function) -> routing, filled by the build_training_step spy
+        self.ran = set()
+
+    def build_training_step(self, config, routing, device):
+        step, flops, info = build_training_step(config, routing, device)
+        self.routing_of[id(step)] = routing
+        return step, flops, info
+
+    def timed(self, fn, device):
+        if id(fn) not in self.ran:
+            fn()
+            self.ran.add(id(fn))
+        return next(self.seconds[self.routing_of[id(fn)]])
+
+
+def test_cost_table_reports_the_fastest_round_and_the_per_round_ratio_range(tmp_path, monkeypatch):
+    # a warm-up round (fastest of all, and must not count), then 3 timed rounds of each routing
+    clock = ScriptedClock({"none": [0.1, 0.5, 0.25, 0.4], "dtr": [0.05, 0.4, 0.5, 0.32]})
+    monkeypatch.setattr(cost, "build_training_step", clock.build_training_step)
+    monkeypatch.setattr(cost, "timed", clock.timed)
     out = tmp_path / "cost.md"
-    rows = cost.main(cost.build_parser().parse_args([
+    [row] = cost.main(cost.build_parser().parse_args([
         "--models", "DiT-S/8", "--input-size", "8", "--in-channels", "1", "--num-classes", "10", "--batch-size", "2",
-        "--rounds", "1", "--warmup", "0", "--out", str(out)]))
-    [row] = rows
-    assert row["none"] > 0 and row["dtr"] > 0 and row["gflops"] > 0
-    low, high = row["ratio_range"]
-    assert low == high == pytest.approx(row["dtr"] / row["none"], rel=1e-12)  # one round: the range is its ratio
-    assert (f"| DiT-S/8 | {row['params'] / 1e6:.1f} | {row['gflops']:.2f} | {row['none']:.2f} | {row['dtr']:.2f} | "
-            f"{row['dtr'] / row['none']:.3f} ({low:.3f}-{high:.3f}) |") in out.read_text()
+        "--rounds", "3", "--warmup", "1", "--out", str(out)]))
+    assert row["params"] == official_parameter_count(12, 384, 8, in_ch=1, size=8, classes=10)  # 32.54M
+    assert row["gflops"] == official_forward_flops(12, 384, 8, in_ch=1, size=8) / 1e9  # 0.065
+    # images/s: batch 2 over the fastest round (none 0.25 s, DTR 0.32 s); per-round vanilla / DTR seconds:
+    # 0.5 / 0.4, 0.25 / 0.5, 0.4 / 0.32
+    assert (row["none"], row["dtr"], row["ratio_range"]) == (8.0, 6.25, (0.5, 1.25))
+    assert "| DiT-S/8 | 32.5 | 0.06 | 8.00 | 6.25 | 0.781 (0.500-1.250) |" in out.read_text()
     with pytest.raises(ValueError, match="unknown model"):
         cost.main(cost.build_parser().parse_args(["--models", "DiT-Q/3"]))
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from dit_closed_forms import official_parameter_count
 from float_comparison import scale_one_guidance_bound
 from models import DiT, DiT_models, create_model
 from models.dit import modulate
@@ -173,16 +174,6 @@ def test_routed_model_is_the_vanilla_trunk_with_eq8_and_its_own_table_in_every_b
         assert not torch.allclose(expected, base(x, t, y))  # the masks matter at this size
         # (1 - m) z and z - m z are the same numbers for a 0/1 mask, so the two agree exactly
         assert torch.equal(routed(x, t, y), expected)
-
-
-def official_parameter_count(depth, d, p, in_ch=4, size=32, classes=1000):
-    """Closed-form parameter count of official DiT (pos_embed included)."""
-    out = 2 * in_ch
-    tokens = (size // p) ** 2
-    embed = p * p * in_ch * d + d + tokens * d + (256 * d + d + d * d + d) + (classes + 1) * d
-    block = (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d) + (6 * d * d + 6 * d)
-    final = (d * p * p * out + p * p * out) + (2 * d * d + 2 * d)
-    return embed + depth * block + final
 
 
 @pytest.mark.parametrize("name", list(DiT_models))
