@@ -193,7 +193,8 @@ class TextDiT(nn.Module):
             raise ValueError(f"context_mask must have shape (N, max_text_len) = {expected[:2]}, "
                              f"got {tuple(context_mask.shape)}")
         # A caption with every token masked would make attention NaN; checked where it costs no host sync.
-        if not (context_mask.device.type != "cpu" or torch.compiler.is_compiling()) and not bool(context_mask.any(dim=1).all()):
+        on_host = context_mask.device.type == "cpu" and not torch.compiler.is_compiling()
+        if on_host and not bool(context_mask.any(dim=1).all()):
             raise ValueError("context_mask masks every token of some caption; keep at least one (CLIP's BOS)")
 
     def drop_captions(self, context, context_mask, force_drop_ids=None):

@@ -9,7 +9,7 @@ import torch
 
 from diffusion import create_diffusion
 from diffusion.guidance import ClassifierFreeGuidance
-from models import ADM, DiT
+from models import ADM, DiT, TextDiT
 from monitoring.host_syncs import HostSyncCounter
 from sampling.seeded import PerSampleNoise, null_condition
 
@@ -18,6 +18,16 @@ DIT = dict(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, in_
 ADM_TINY = dict(input_size=8, in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                 attention_resolutions="4", num_head_channels=16, num_classes=10, class_dropout_prob=0.1,
                 learn_sigma=True, routing="dtr")
+TEXT_DIT = dict(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, in_channels=4, context_dim=16,
+                max_text_len=5, learn_sigma=True, routing="dtr")
+
+
+def condition(model, n):
+    """Model kwargs on meta: class labels, or a text model's caption tokens and mask."""
+    if isinstance(model, TextDiT):
+        return {"context": torch.randn(n, 5, 16, device="meta"),
+                "context_mask": torch.ones(n, 5, dtype=torch.bool, device="meta")}
+    return {"y": torch.zeros(n, dtype=torch.long, device="meta")}
 
 
 def test_counter_sees_each_kind_of_sync():
@@ -50,15 +60,14 @@ def test_training_loss_and_backward_have_no_host_sync(weighting):
     assert syncs.events == []
 
 
-@pytest.mark.parametrize("model_class,config", [(DiT, DIT), (ADM, ADM_TINY)])
+@pytest.mark.parametrize("model_class,config", [(DiT, DIT), (ADM, ADM_TINY), (TextDiT, TEXT_DIT)])
 def test_cfg_sampling_steps_have_no_host_sync(model_class, config):
     model = model_class(**config).to("meta").eval()
     diffusion = create_diffusion("4", learn_sigma=True)
     guided = ClassifierFreeGuidance(model, 1.5, null_condition(model))
     noise = PerSampleNoise(range(3), 0, "meta")  # per-sample CPU generators, as sample_ddp.py
-    y = torch.zeros(3, dtype=torch.long, device="meta")
     steps = diffusion.p_sample_loop_progressive(guided, (3, 4, 8, 8), noise=noise((3, 4, 8, 8)),
-                                                model_kwargs={"y": y}, noise_fn=lambda x: noise(x.shape))
+                                                model_kwargs=condition(model, 3), noise_fn=lambda x: noise(x.shape))
     with torch.no_grad():
         next(steps)  # the generator's first step also runs the loop's setup: tables to the device, once
         for _ in range(3):
