@@ -11,7 +11,7 @@ ImageNet's 1.28M). --latent-stat mean stores the means only (32 KiB per image; d
 a deviation from the release). Shards are float32 (n, 2, C, h, w); see imagedata/latents.py.
 
 Single process:  python extract_features.py --data-path /data/imagenet/train --features-path features
-MS-COCO:         python extract_features.py --kind coco --data-path coco/train2014 --features-path features/coco256
+MS-COCO:         python extract_features.py --data-kind coco --data-path coco/train2014 --features-path features/coco256
                  (captions from coco/annotations/captions_train2014.json, or --captions; labels are image ids)
 Many GPUs:       torchrun --nproc_per_node=8 extract_features.py --data-path ... --features-path ...
 Shard k is encoded by rank k % world_size; finished shards are skipped on re-run (resume).
@@ -69,7 +69,7 @@ def main(args):
     if rank == 0:
         print(describe_distributed(world_size, device))
     try:
-        images = build_dataset(data_path=args.data_path, image_size=args.image_size, kind=args.kind, flip=False,
+        images = build_dataset(data_path=args.data_path, image_size=args.image_size, kind=args.data_kind, flip=False,
                                captions=getattr(args, "captions", None))
     except (OSError, ValueError) as error:  # a missing or empty folder, no images, unreadable captions
         raise UsageError(f"--data-path: {error}") from None
@@ -149,7 +149,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", type=str, required=True)
     parser.add_argument("--features-path", "--feature-path", dest="features_path", type=str, default="features")
-    parser.add_argument("--kind", type=str, choices=["auto", "imagefolder", "flat", "coco"], default="auto",
+    parser.add_argument("--data-kind", "--kind", dest="data_kind", type=str, choices=["auto", "imagefolder", "flat", "coco"],
+                        default="auto",
                         help="flat: every image under --data-path, label 0 (FFHQ); coco: MS-COCO images with "
                              "captions, label = image id")
     parser.add_argument("--captions", type=str, default=None,

@@ -81,7 +81,7 @@ def train_command(settings, routing, seed, results_dir, resume=None):
 def reference_command(settings, output):
     """evaluations.make_reference: a seeded subset of the t10k split at the model's image size (images only)."""
     size = STUDY_SIZES[settings["size"]]
-    return [sys.executable, "-m", "evaluations.make_reference", "--dataset", "fashion-mnist",
+    return [sys.executable, "-m", "evaluations.make_reference", "--data-kind", "fashion-mnist",
             "--data-path", settings["data_path"], "--split", "t10k", "--image-size", str(size["image_size"]),
             "--num-images", str(settings["ref_images"]), "--seed", str(settings["ref_seed"]), "--no-statistics",
             "--output", output]

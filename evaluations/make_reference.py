@@ -1,8 +1,8 @@
 """Build an ADM-format reference batch (arr_0 images, mu, sigma, mu_s, sigma_s) from a dataset.
 
-python -m evaluations.make_reference --dataset imagenet --data-path /data/imagenet/train --image-size 256 \
+python -m evaluations.make_reference --data-kind imagefolder --data-path /data/imagenet/train --image-size 256 \
     --num-images 10000 --output VIRTUAL_imagenet256.npz
-python -m evaluations.make_reference --dataset coco --data-path coco/val2014 --output coco256_val2014.npz
+python -m evaluations.make_reference --data-kind coco --data-path coco/val2014 --output coco256_val2014.npz
 
 MS-COCO (Table 1): the captioned validation images of the annotation file (--captions, default the standard
 layout's annotations/captions_val2014.json; all 40,504 for val2014), in image id order, ADM center crop 256.
@@ -19,6 +19,7 @@ from evaluations.evaluator import inference_device, load_inception
 from evaluations.metrics import feature_statistics
 from foundation.flag_types import check_at_least
 from foundation.usage_error import UsageError
+from imagedata import kind_name
 from imagedata.center_crop import center_crop_arr
 from imagedata.coco import coco_image_dataset
 from imagedata.fashion_mnist import fashion_mnist_files, read_idx
@@ -26,10 +27,10 @@ from imagedata.image_folder import list_images, load_rgb
 from launch.cli import check_writable, make_output_dir, run_command
 
 
-def load_reference_images(dataset, data_path, image_size, num_images, seed, split="train", captions=None):
+def load_reference_images(data_kind, data_path, image_size, num_images, seed, split="train", captions=None):
     """uint8 (N, H, W, 3) reference images; a seeded random subset when num_images is smaller than the dataset."""
     rng = np.random.default_rng(seed)
-    if dataset == "fashion-mnist":
+    if data_kind == "fashion-mnist":
         split = "test" if split == "t10k" else split  # the IDX files name the test split t10k
         path = data_path if os.path.isfile(data_path) else fashion_mnist_files(data_path, split)[0]
         images = read_idx(path)  # (N, 28, 28) uint8
@@ -40,10 +41,10 @@ def load_reference_images(dataset, data_path, image_size, num_images, seed, spli
         if image_size and image_size != images.shape[1]:
             images = np.stack([np.array(Image.fromarray(x).resize((image_size,) * 2, Image.BICUBIC)) for x in images])
         return as_rgb_images(images, data_path)  # grayscale repeated to 3 channels for Inception
-    # imagenet, ffhq, folder: every image under data_path, ADM's center crop; coco: its captioned images
+    # imagefolder, flat: every image under data_path, ADM's center crop; coco: its captioned images
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f"image folder {data_path} does not exist")
-    if dataset == "coco":
+    if data_kind == "coco":
         files = coco_image_dataset(data_path, captions, image_size, flip=False).paths
     else:
         files = list_images(data_path)
@@ -57,11 +58,11 @@ def load_reference_images(dataset, data_path, image_size, num_images, seed, spli
 def main(args):
     """Write the reference npz, with Inception statistics unless --no-statistics."""
     check_at_least(args, 1, "image_size", "num_images", "batch_size")
-    image_size = args.image_size or (None if args.dataset == "fashion-mnist" else 256)
+    image_size = args.image_size or (None if args.data_kind == "fashion-mnist" else 256)
     check_writable(args.output, "--output")
     inception = None if args.no_statistics else load_inception(args.inception_weights, inference_device(args.device))
     try:
-        images = load_reference_images(args.dataset, args.data_path, image_size, args.num_images, args.seed,
+        images = load_reference_images(args.data_kind, args.data_path, image_size, args.num_images, args.seed,
                                        args.split, captions=args.captions)
     except (OSError, ValueError) as error:  # a missing folder or split file, no images, unreadable captions
         raise UsageError(f"--data-path: {' '.join(str(error).split())}") from None
@@ -77,7 +78,10 @@ def main(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=str, choices=["imagenet", "ffhq", "folder", "fashion-mnist", "coco"], required=True)
+    parser.add_argument("--data-kind", "--dataset", dest="data_kind", type=kind_name,
+                        choices=["imagefolder", "flat", "fashion-mnist", "coco"], required=True,
+                        help="how --data-path is laid out, as train.py's --data-kind (imagefolder and flat: every "
+                             "image under it); --dataset imagenet / ffhq / folder still work")
     parser.add_argument("--data-path", type=str, required=True,
                         help="image folder, or Fashion-MNIST folder / IDX file (e.g. /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--output", type=str, required=True)

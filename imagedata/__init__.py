@@ -30,7 +30,7 @@ instead, whose workers persist and are asked for (epoch, index). A resumed run c
 sampler's first `position` indices; every remaining sample comes out identical. ds.is_flipped(i) tells
 the current epoch's coin for sample i.
 """
-from .build import KINDS, build_dataset, detect_kind
+from .build import KINDS, build_dataset, detect_kind, kind_name
 from .center_crop import center_crop_arr
 from .coco import CocoCaptions, coco_image_dataset, draw_captions, read_coco_captions
 from .fashion_mnist import FashionMNISTDataset, read_idx
@@ -38,7 +38,7 @@ from .flip import flip_decision
 from .image_folder import BadImageError, ImageFileDataset, flat_image_dataset, image_folder_dataset
 from .latents import LatentFeatureDataset, read_manifest
 
-__all__ = ["KINDS", "build_dataset", "detect_kind", "center_crop_arr", "CocoCaptions", "coco_image_dataset",
+__all__ = ["KINDS", "build_dataset", "detect_kind", "kind_name", "center_crop_arr", "CocoCaptions", "coco_image_dataset",
            "draw_captions", "read_coco_captions", "FashionMNISTDataset", "read_idx",
            "flip_decision", "BadImageError", "ImageFileDataset", "flat_image_dataset", "image_folder_dataset",
            "LatentFeatureDataset", "read_manifest"]

@@ -6,7 +6,14 @@ from .fashion_mnist import FashionMNISTDataset, find_idx_file
 from .image_folder import flat_image_dataset, image_folder_dataset, is_image_file
 from .latents import MANIFEST_NAME, LatentFeatureDataset
 
-KINDS = ("auto", "imagefolder", "flat", "fashion-mnist", "latents", "coco")
+KINDS = ("auto", "imagefolder", "flat", "fashion-mnist", "latents", "coco")  # --data-kind of every script
+# make_reference's old --dataset values: ImageNet's class folders, FFHQ and any folder read as every image in it
+OLD_KIND_NAMES = {"imagenet": "imagefolder", "ffhq": "flat", "folder": "flat"}
+
+
+def kind_name(text):
+    """A --data-kind value, with make_reference's old --dataset names mapped to their kind."""
+    return OLD_KIND_NAMES.get(text, text)
 
 
 def detect_kind(data_path, feature_path=None):

@@ -123,7 +123,7 @@ def test_extract_features_keys_coco_latents_by_image_id(tmp_path):
     vae.save_pretrained(str(tmp_path / "vae"))
     image_dir, path = write_tiny_coco(str(tmp_path / "coco"), num_images=5)
     from test_extract_features import run_args
-    extract_features.main(run_args(image_dir, tmp_path / "feat", str(tmp_path / "vae"), kind="coco", captions=None,
+    extract_features.main(run_args(image_dir, tmp_path / "feat", str(tmp_path / "vae"), data_kind="coco", captions=None,
                                    batch_size=2, shard_size=3, latent_stat="mean"))
     manifest = read_manifest(str(tmp_path / "feat"))
     assert manifest["label_kind"] == LABEL_KIND

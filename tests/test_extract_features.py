@@ -46,7 +46,7 @@ def make_images(root, per_class=6, classes=("cat", "dog")):
 
 
 def run_args(data, feat, vae, **overrides):
-    args = dict(data_path=str(data), features_path=str(feat), kind="auto", image_size=16, vae=vae, batch_size=4,
+    args = dict(data_path=str(data), features_path=str(feat), data_kind="auto", image_size=16, vae=vae, batch_size=4,
                 num_workers=0, shard_size=5, skip_bad_images=False, global_seed=0, device="auto", dist_timeout=30,
                 latent_stat="posterior")
     args.update(overrides)

@@ -26,7 +26,7 @@ def write_idx(path, array):
 
 
 def args_for(**overrides):
-    defaults = dict(dataset="fashion-mnist", data_path=None, output=None, image_size=None, num_images=None,
+    defaults = dict(data_kind="fashion-mnist", data_path=None, output=None, image_size=None, num_images=None,
                     split="t10k", seed=0, captions=None, no_statistics=True, inception_weights=None, batch_size=50, device="cpu")
     return argparse.Namespace(**{**defaults, **overrides})
 
@@ -64,7 +64,7 @@ def test_command_line_mistakes_exit_2_with_one_line_and_write_nothing(tmp_path):
     with pytest.raises(UsageError, match="^--num-images must be >= 1, got 0$"):
         make_reference.main(args_for(data_path=str(tmp_path), output=str(tmp_path / "out" / "ref.npz"), num_images=0))
     with pytest.raises(UsageError, match=f"^--data-path: image folder {tmp_path}/missing does not exist$"):
-        make_reference.main(args_for(dataset="folder", data_path=str(tmp_path / "missing"),
+        make_reference.main(args_for(data_kind="flat", data_path=str(tmp_path / "missing"),
                                      output=str(tmp_path / "out" / "ref.npz")))
     with pytest.raises(UsageError, match="^--inception-weights .*none.pth: no such file$"):
         make_reference.main(args_for(data_path=str(tmp_path), output=str(tmp_path / "out" / "ref.npz"),
@@ -84,7 +84,7 @@ def test_folder_reference_with_statistics_matches_evaluator_statistics(tmp_path)
         inception = InceptionFeatures()
     except FileNotFoundError as error:
         pytest.skip(f"no Inception weights: {error}")
-    make_reference.main(args_for(dataset="folder", data_path=str(tmp_path / "images"), image_size=16,
+    make_reference.main(args_for(data_kind="flat", data_path=str(tmp_path / "images"), image_size=16,
                                  output=str(tmp_path / "ref.npz"), no_statistics=False))
     batch = read_batch(str(tmp_path / "ref.npz"))
     assert batch["images"].shape == (5, 16, 16, 3)
@@ -99,8 +99,20 @@ def test_coco_reference_is_the_captioned_validation_images_center_cropped_in_ima
     from tiny_coco import write_tiny_coco
     image_dir, path = write_tiny_coco(str(tmp_path / "coco"), split="val2014", num_images=4, size=(24, 18))
     out = str(tmp_path / "ref.npz")
-    make_reference.main(args_for(dataset="coco", data_path=image_dir, output=out, image_size=16))
+    make_reference.main(args_for(data_kind="coco", data_path=image_dir, output=out, image_size=16))
     coco = read_coco_captions(path)
     expected = [center_crop_arr(Image.open(f"{image_dir}/{coco.file_names[i]}").convert("RGB"), 16)
                 for i in coco.image_ids]
     np.testing.assert_array_equal(read_batch(out)["images"], np.stack(expected))
+
+
+def test_data_kind_is_one_flag_across_scripts_and_the_old_names_still_parse():
+    import extract_features
+    ref = make_reference.build_parser()
+    common = ["--data-path", "d", "--output", "o.npz"]
+    assert ref.parse_args(["--data-kind", "flat", *common]).data_kind == "flat"
+    for old, kind in (("imagenet", "imagefolder"), ("ffhq", "flat"), ("folder", "flat"), ("coco", "coco")):
+        assert ref.parse_args(["--dataset", old, *common]).data_kind == kind  # make_reference's old flag and names
+    features = extract_features.build_parser()
+    assert features.parse_args(["--data-path", "d", "--kind", "flat"]).data_kind == "flat"  # its old flag
+    assert features.parse_args(["--data-path", "d", "--data-kind", "coco"]).data_kind == "coco"

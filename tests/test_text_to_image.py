@@ -125,7 +125,7 @@ def test_trains_on_coco_latents_written_by_extract_features(coco, tiny_clip_path
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=32, sample_size=16)
     vae.save_pretrained(tmp_path / "vae")
-    extract_features.main(run_args(coco["train"], tmp_path / "feat", str(tmp_path / "vae"), kind="coco",
+    extract_features.main(run_args(coco["train"], tmp_path / "feat", str(tmp_path / "vae"), data_kind="coco",
                                    captions=None))
     exp = train.main(train.parse_args(["--config", TINY_TEXT, "--feature-path", str(tmp_path / "feat"), "--vae", "ema",
                                        "--image-size", "16", "--captions", coco["train_captions"], "--text-encoder",
