@@ -6,6 +6,7 @@ import pytest
 from analysis import cost
 from command_line import run_cli
 from dit_closed_forms import official_forward_flops, official_parameter_count
+from scripted_clock import ScriptedClock
 from training.step_cost import build_training_step
 
 
@@ -19,33 +20,17 @@ def test_dit_s2_cost_matches_the_dit_paper():
     assert gflops == official_forward_flops(12, 384, 2) / 1e9
 
 
-class ScriptedClock:
-    """Stands in for training.step_cost.timed: returns the next scripted seconds of the step's routing.
-
-    Each step really runs once (its warm-up call), so the table still comes from train.py's step.
-    """
-
-    def __init__(self, seconds):
-        self.seconds = {routing: iter(values) for routing, values in seconds.items()}
-        self.routing_of = {}  # id(step function) -> routing, filled by the build_training_step spy
-        self.ran = set()
-
-    def build_training_step(self, config, routing, device):
-        step, flops, info = build_training_step(config, routing, device)
-        self.routing_of[id(step)] = routing
-        return step, flops, info
-
-    def timed(self, fn, device):
-        if id(fn) not in self.ran:
-            fn()
-            self.ran.add(id(fn))
-        return next(self.seconds[self.routing_of[id(fn)]])
-
-
 def test_cost_table_reports_the_fastest_round_and_the_per_round_ratio_range(tmp_path, monkeypatch):
     # a warm-up round (fastest of all, and must not count), then 3 timed rounds of each routing
-    clock = ScriptedClock({"none": [0.1, 0.5, 0.25, 0.4], "dtr": [0.05, 0.4, 0.5, 0.32]})
-    monkeypatch.setattr(cost, "build_training_step", clock.build_training_step)
+    routing_of = {}
+
+    def build_step(config, routing, device):
+        step, flops, info = build_training_step(config, routing, device)
+        routing_of[step] = routing
+        return step, flops, info
+
+    clock = ScriptedClock({"none": [0.1, 0.5, 0.25, 0.4], "dtr": [0.05, 0.4, 0.5, 0.32]}, routing_of.get)
+    monkeypatch.setattr(cost, "build_training_step", build_step)
     monkeypatch.setattr(cost, "timed", clock.timed)
     out = tmp_path / "cost.md"
     [row] = cost.main(cost.build_parser().parse_args([
