@@ -17,6 +17,7 @@ import sys
 import time
 from collections import deque
 
+import numpy as np
 from tqdm import tqdm
 
 from analysis.masks import mask_panels, plot_masks
@@ -36,7 +37,8 @@ from sampling.seeded import FID_CFG_SCALE, GRID_CFG_SCALE, SAMPLERS
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 GRID_SAMPLES_PER_CLASS = 8
 TRAIN_STEP = re.compile(r"\(step=(\d+)\)")  # train.py's log line
-BAR_COUNT = re.compile(r"(\d+)/(\d+) \[")  # a tqdm bar drawn by sample.py / sample_ddp.py
+BAR_COUNT = re.compile(r"(\d+)/\d+ \[")  # a tqdm bar drawn by sample.py / sample_ddp.py
+STAGES = ("reference features", "train", "grid", "samples", "sample features")
 
 
 #################################################################################
@@ -56,32 +58,28 @@ def since(start):
     return now[0] - start[0], now[1] - start[1]
 
 
-def child_env(threads):
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
-
-
 def torchrun(nproc):
     """`torchrun --standalone --nproc_per_node=nproc` as this interpreter's module."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def run_stage(name, cmd, log_path, total, progress, threads):
-    """Run one script with its output in log_path, shown as one progress bar with ETA; (wall, CPU) seconds.
+    """Run one script, its output kept in log_path and shown as one progress bar with ETA; (wall, CPU) seconds.
 
-    progress(text) -> items done so far, read from the script's own output (its log lines or its tqdm bar),
-    so two ranks never draw two bars.
+    progress: a regex whose first group is the count done, read from the script's log lines or rank 0's tqdm bar
+    (so two ranks never draw two bars); threads: OMP_NUM_THREADS of each of its processes.
     """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     start, tail = clock(), deque(maxlen=30)
     with open(log_path, "w") as log, tqdm(total=total, desc=f"{name:<18}", unit="it", dynamic_ncols=True) as bar:
-        process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(threads), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for chunk in iter(lambda: process.stdout.read1(4096), b""):
             text = chunk.decode(errors="replace")
             log.write(text)
             tail.extend(re.split(r"[\r\n]+", text))
-            done = progress(text)
-            if done is not None and done > bar.n:
-                bar.update(min(done, total) - bar.n)
+            counts = progress.findall(text)
+            if counts and min(int(counts[-1]), total) > bar.n:
+                bar.update(min(int(counts[-1]), total) - bar.n)
         process.wait()
     if process.returncode != 0:
         lines = "\n".join(line for line in tail if line.strip())
@@ -89,16 +87,8 @@ def run_stage(name, cmd, log_path, total, progress, threads):
     return since(start)
 
 
-def last_match(pattern):
-    """progress() reading the first group of the last match of `pattern` in a chunk of output."""
-    def progress(text):
-        found = list(pattern.finditer(text))
-        return int(found[-1].group(1)) if found else None
-    return progress
-
-
 def train_and_sample(args, config, routing, run_dir, timings):
-    """Train one routing, draw its grid and its FID samples; (checkpoint, metrics.jsonl, grid png, samples npz)."""
+    """Train one routing, draw its grid and its FID samples; (checkpoint, metrics.jsonl, samples npz)."""
     logs, steps = os.path.join(run_dir, "logs"), config["max_steps"]
     make_output_dir(logs, "--out")
     train_dir = os.path.join(run_dir, "train")
@@ -106,7 +96,7 @@ def train_and_sample(args, config, routing, run_dir, timings):
     timings["train"] = run_stage(f"train {routing}", torchrun(args.nproc) + [
         "train.py", "--config", os.path.abspath(args.config), "--data-path", args.data_path, "--routing", routing,
         "--global-seed", str(args.seed), "--results-dir", train_dir],
-        os.path.join(logs, "train.log"), steps, last_match(TRAIN_STEP), threads=1)
+        os.path.join(logs, "train.log"), steps, TRAIN_STEP, threads=1)
     created = sorted(set(os.listdir(train_dir)) - before)  # train.py numbers a new experiment folder
     checkpoint = os.path.join(train_dir, created[-1], "checkpoints", f"{steps:07d}.pt")
     if len(created) != 1 or not os.path.isfile(checkpoint):
@@ -117,7 +107,7 @@ def train_and_sample(args, config, routing, run_dir, timings):
         sys.executable, "sample.py", "--ckpt", checkpoint, "--sampler", args.grid_sampler, "--num-sampling-steps",
         str(args.grid_steps), "--cfg-scale", str(args.grid_cfg_scale), "--samples-per-class",
         str(GRID_SAMPLES_PER_CLASS), "--seed", str(args.seed), "--out", grid],
-        os.path.join(logs, "grid.log"), args.grid_steps, last_match(BAR_COUNT), threads=args.nproc)
+        os.path.join(logs, "grid.log"), args.grid_steps, BAR_COUNT, threads=args.nproc)
 
     sample_dir = os.path.join(run_dir, "samples")
     timings["samples"] = run_stage(f"samples {routing}", torchrun(args.nproc) + [
@@ -125,11 +115,11 @@ def train_and_sample(args, config, routing, run_dir, timings):
         str(args.num_fid_samples), "--sampler", args.fid_sampler, "--num-sampling-steps", str(args.fid_steps),
         "--cfg-scale", str(args.fid_cfg_scale), "--balanced-classes", "--global-seed", str(args.seed),
         "--per-proc-batch-size", "50", "--shard-size", str(args.num_fid_samples)],
-        os.path.join(logs, "samples.log"), args.num_fid_samples, last_match(BAR_COUNT), threads=1)
+        os.path.join(logs, "samples.log"), args.num_fid_samples, BAR_COUNT, threads=1)
     npz = sorted(f for f in os.listdir(sample_dir) if f.endswith(".npz"))
     if len(npz) != 1:
         raise RuntimeError(f"expected one sample .npz in {sample_dir}, found {npz}")
-    return checkpoint, os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "metrics.jsonl"), grid, \
+    return checkpoint, os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "metrics.jsonl"), \
         os.path.join(sample_dir, npz[0])
 
 
@@ -187,33 +177,42 @@ def shown_path(arg):
     return os.path.relpath(arg, REPO_ROOT) if arg.startswith(REPO_ROOT + os.sep) else os.path.basename(arg)
 
 
-def write_report(path, args, runs, model_summary, train_flags, reference_seconds):
-    """report.md: the grids and FIDs first, then losses, masks, settings and wall time per stage."""
-    names = list(runs)
-    label = {r: ROUTING_LABELS.get(r, r) for r in names}
-    header = "| | " + " | ".join(label[r] for r in names) + " |\n|---|" + "---|" * len(names)
-    lines = [f"# Fashion-MNIST quick start: {' vs '.join(label[r] for r in names)}", "", header,
-             "| samples (rows: " + ", ".join(FASHION_MNIST_CLASSES) + ") | "
-             + " | ".join(f"![{label[r]}]({r}/grid.png)" for r in names) + " |",
-             f"| FID, {args.num_fid_samples} samples vs {args.ref_images} t10k images | "
-             + " | ".join(f"**{runs[r]['FID']:.1f}**" for r in names) + " |", "",
-             *honest_reading(runs),
-             f"FID from {args.num_fid_samples} samples is biased upwards (FID's bias grows as 1/N): compare runs at "
-             "the same N and reference only, never with published 50K-sample FIDs. Samples: "
-             f"{args.fid_sampler}-{args.fid_steps}, CFG {args.fid_cfg_scale:g}, classes balanced; grid: "
-             f"{args.grid_sampler}-{args.grid_steps}, CFG {args.grid_cfg_scale:g}; Inception-v3 pool_3 (ADM "
-             "evaluator), reference: a seeded subset (seed "
-             f"{args.ref_seed}) of the t10k test split.", "",
-             "## Training loss", "", "![loss](loss.png)", "",
-             "## Routing masks", "", "DTR's mask table of the first routed block: row t marks the channels the "
-             "task of timestep t uses (top t = 0).", "", "![masks](masks.png)", "",
-             "## Settings", "", f"- model: {model_summary}", f"- training: {train_flags}",
-             f"- command: `{' '.join(['python', *map(shown_path, sys.argv)])}`",
-             "", "## Time per stage: wall seconds (CPU seconds)", "",
-             "| stage | " + " | ".join(label[r] for r in names) + " |", "|---|" + "---|" * len(names)]
-    for stage in ("train", "grid", "samples", "sample features"):
-        lines.append(f"| {stage} | " + " | ".join(seconds(runs[r]["timings"][stage]) for r in names) + " |")
-    lines += [f"| reference features (once, then cached) | {seconds(reference_seconds)} |", ""]
+def describe_model(checkpoint, config, args):
+    """Two report lines, the model and its training, read from the checkpoint train.py wrote."""
+    import torch
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model, train = ckpt["model_config"], ckpt["args"]
+    overrides = ", ".join(f"{k}={v}" for k, v in (config.get("model_args") or {}).items())
+    params = sum(v.numel() for v in ckpt["ema"].values())
+    return (f"{model['model']} with {overrides} ({params / 1e6:.2f}M parameters), 28x28x1 pixels, routing alpha "
+            f"{model['alpha']:g}, beta {model['beta']:g}",
+            f"{config['max_steps']} steps, global batch {train['global_batch_size']}, lr {train['lr']:g}, EMA "
+            f"{train['ema_decay']:g}, {train['noise_schedule']} schedule, seed {args.seed}, {args.nproc} process(es); "
+            f"config `{shown_path(os.path.abspath(args.config))}`"), model
+
+
+def write_report(path, args, runs, model_lines):
+    """report.md: the grids and FIDs first, then losses, masks, settings and time per stage."""
+    label = {r: ROUTING_LABELS.get(r, r) for r in runs}
+    row = lambda first, cells: f"| {first} | " + " | ".join(cells) + " |"
+    lines = [f"# Fashion-MNIST quick start: {' vs '.join(label.values())}", "", row("", label.values()),
+             "|---|" + "---|" * len(runs),
+             row(f"samples (rows: {', '.join(FASHION_MNIST_CLASSES)})", (f"![{label[r]}]({r}/grid.png)" for r in runs)),
+             row(f"FID, {args.num_fid_samples} samples vs {args.ref_images} t10k images",
+                 (f"**{run['FID']:.1f}**" for run in runs.values())), "", *honest_reading(runs),
+             f"FID from {args.num_fid_samples} samples is biased upwards (its bias grows as 1/N): compare runs at the "
+             f"same N and reference only, never with published 50K-sample FIDs. Samples: {args.fid_sampler}-"
+             f"{args.fid_steps}, CFG {args.fid_cfg_scale:g}, classes balanced; grid: {args.grid_sampler}-"
+             f"{args.grid_steps}, CFG {args.grid_cfg_scale:g}; Inception-v3 pool_3 (ADM evaluator); reference: a "
+             f"seeded subset (seed {args.ref_seed}) of the t10k test split.", "",
+             "## Training loss", "", "![loss](loss.png)", "", "## Routing masks", "",
+             "DTR's mask table of the first routed block: row t marks the channels the task of timestep t uses.", "",
+             "![masks](masks.png)", "", "## Settings", "", f"- model: {model_lines[0]}", f"- training: {model_lines[1]}",
+             f"- command: `{' '.join(['python', *map(shown_path, sys.argv)])}`", "",
+             "## Time per stage: wall seconds (CPU seconds of all processes)", "", row("stage", label.values()),
+             "|---|" + "---|" * len(runs)]
+    lines += [row(stage, (seconds(run["timings"].get(stage, (0, 0))) for run in runs.values())) for stage in STAGES]
+    lines.append(row("total", (seconds(np.sum(list(run["timings"].values()), axis=0)) for run in runs.values())))
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
 
 
@@ -254,11 +253,10 @@ def main(args):
     make_output_dir(out_dir, "--out")
     routings = [args.routing] + (["none"] if args.compare and args.routing != "none" else [])
 
-    import torch  # the in-process stages (Inception) use every core the runs use
+    import torch  # the in-process stages (Inception) use as many cores as the runs
     torch.set_num_threads(args.nproc)
-    start = clock()
-    reference = reference_batch(args, out_dir)
-    scorer = CheckpointScorer(reference)  # reference features: computed once, then read from their cache
+    start = clock()  # first, so that missing Inception weights stop the demo before training
+    scorer = CheckpointScorer(reference_batch(args, out_dir))  # its features: computed once, then read from a cache
     reference_seconds = since(start)
     # what makes two runs the same: the config's content and every flag but the choice of runs and the output folder
     settings = {**{k: v for k, v in vars(args).items() if k not in ("compare", "routing", "out")}, "config": config}
@@ -269,9 +267,9 @@ def main(args):
         if runs[routing] is not None:
             print(f"{routing}: reusing the finished run in {os.path.dirname(record)} (same config and flags)")
             continue
-        timings = {}
-        checkpoint, metrics_jsonl, grid, samples = train_and_sample(args, config, routing,
-                                                                    os.path.join(out_dir, routing), timings)
+        timings = {"reference features": reference_seconds}
+        reference_seconds = (0.0, 0.0)  # spent once per command
+        checkpoint, metrics_jsonl, samples = train_and_sample(args, config, routing, os.path.dirname(record), timings)
         start = clock()
         fid = scorer.fid(samples)["FID"]
         timings["sample features"] = since(start)
@@ -279,27 +277,18 @@ def main(args):
                          "checkpoint": checkpoint, "settings": settings}
         atomic_write(record, lambda f: f.write(json.dumps(runs[routing], indent=1)), mode="w")
 
-    ckpt = torch.load(runs[routings[0]]["checkpoint"], map_location="cpu", weights_only=True)
-    model_config, train_args = ckpt["model_config"], ckpt["args"]
-    width = model_config.get("model_channels", model_config.get("hidden_size"))
-    plot_masks(mask_panels(["dtr"], [model_config["alpha"]], [model_config["beta"]], width), 
-               os.path.join(out_dir, "masks.png"), columns=1)
+    model_lines, model = describe_model(runs[routings[0]]["checkpoint"], config, args)
+    width = model.get("model_channels", model.get("hidden_size"))  # of the first routed block: ADM's, DiT's
+    plot_masks(mask_panels(["dtr"], [model["alpha"]], [model["beta"]], width), os.path.join(out_dir, "masks.png"), 1)
     plot_losses(runs, os.path.join(out_dir, "loss.png"))
-    params = sum(v.numel() for v in ckpt["ema"].values())
-    model_summary = (f"{model_config['model']} {', '.join(f'{k}={v}' for k, v in (config.get('model_args') or {}).items())}"
-                     f" ({params / 1e6:.2f}M parameters), 28x28x1 pixels, alpha {model_config['alpha']:g}, "
-                     f"beta {model_config['beta']:g}")
-    train_flags = (f"{config['max_steps']} steps, global batch {train_args['global_batch_size']}, lr "
-                   f"{train_args['lr']:g}, EMA {train_args['ema_decay']:g}, {train_args['noise_schedule']} schedule, "
-                   f"seed {args.seed}, {args.nproc} process(es); config `{os.path.relpath(os.path.abspath(args.config), REPO_ROOT)}`")
     report = os.path.join(out_dir, "report.md")
-    write_report(report, args, runs, model_summary, train_flags, reference_seconds)
-    print(f"\nwall seconds (CPU seconds): reference features {seconds(reference_seconds)}")
+    write_report(report, args, runs, model_lines)
+    print("\nwall seconds (CPU seconds of all processes):")
     for routing, run in runs.items():
         stages = ", ".join(f"{name} {seconds(spent)}" for name, spent in run["timings"].items())
-        print(f"{ROUTING_LABELS.get(routing, routing)}: FID {run['FID']:.1f} ({args.num_fid_samples} samples); {stages}")
-    spent = [reference_seconds] + [t for run in runs.values() for t in run["timings"].values()]
-    print(f"total {seconds([sum(s[0] for s in spent), sum(s[1] for s in spent)])}; report: {report}")
+        print(f"{ROUTING_LABELS.get(routing, routing)}: FID {run['FID']:.1f} ({args.num_fid_samples} samples); {stages}; "
+              f"total {seconds(np.sum(list(run['timings'].values()), axis=0))}")
+    print(f"report: {report}")
     return out_dir
 
 
