@@ -149,8 +149,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", type=str, required=True)
     parser.add_argument("--features-path", "--feature-path", dest="features_path", type=str, default="features")
-    parser.add_argument("--data-kind", "--kind", dest="data_kind", type=str, choices=["auto", "imagefolder", "flat", "coco"],
-                        default="auto",
+    parser.add_argument("--data-kind", "--kind", dest="data_kind", type=str, default="auto",
+                        choices=["auto", "imagefolder", "flat", "coco"],
                         help="flat: every image under --data-path, label 0 (FFHQ); coco: MS-COCO images with "
                              "captions, label = image id")
     parser.add_argument("--captions", type=str, default=None,

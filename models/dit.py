@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from diffusion.guidance import ClassifierFreeGuidance
 from models.label_dropout import CFG_DROP_PROB, drop_mask
 from models.routing import (DTR_ALPHA, DTR_BETA, NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps,
                             make_block_router, routed, validate_routing)
@@ -269,7 +270,8 @@ class DiT(nn.Module):
         return self.unpatchify(x)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels="all"):
-        """Classifier-free guidance on a doubled batch (first half conditional, second half null labels).
+        """Official DiT's guided forward on a doubled batch (first half conditional, second half null labels):
+        diffusion.guidance.ClassifierFreeGuidance on the first half, returned twice (samplers keep the first).
 
         guide_channels="all" guides every predicted-noise channel; guide_channels=3 reproduces the
         official DiT code, which guides only the first three channels "for exact reproducibility".
@@ -280,12 +282,9 @@ class DiT(nn.Module):
         k = self.in_channels if guide_channels == "all" else int(guide_channels)
         if not 1 <= k <= self.in_channels:
             raise ValueError(f"guide_channels must be 'all' or 1..{self.in_channels}, got {guide_channels!r}")
-        half = x[: len(x) // 2]
-        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
-        eps, rest = model_out[:, :k], model_out[:, k:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        n = len(x) // 2
+        guided = ClassifierFreeGuidance(self.forward, cfg_scale, {"y": y[n:]}, k)(x[:n], t[:n], y=y[:n])
+        return torch.cat([guided, guided], dim=0)  # (2N, C_out, H, W)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """As nn.Module.load_state_dict, with a clear error for routed checkpoints in an unrouted model."""
