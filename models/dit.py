@@ -4,6 +4,7 @@ Parameter names, initialisation and outputs follow the official DiT code, so its
 checkpoints (DiT-XL-2-256x256.pt, ...) load with strict=True. Routing masks are fixed,
 non-persistent buffers and add no parameters.
 """
+import inspect
 import math
 from functools import partial
 
@@ -182,7 +183,50 @@ def check_transformer_shape(input_size, patch_size, in_channels, hidden_size, de
         raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
 
 
-class DiT(nn.Module):
+class DiTTrunk(nn.Module):
+    """The transformer trunk DiT and TextDiT share: patch tokens through routed blocks and back to an image.
+
+    A subclass builds x_embedder, t_embedder, pos_embed, blocks and final_layer (in official DiT's order, so the
+    initialisation draws the same numbers), calls keep_config(locals()) and runs denoise(x, t, c, ...).
+    """
+
+    def keep_config(self, arguments):
+        """self.config = every constructor argument by name (what a checkpoint stores to rebuild the model), and
+        the shape attributes the samplers and train.py read."""
+        self.config = {name: arguments[name] for name in inspect.signature(type(self)).parameters}
+        self.learn_sigma, self.in_channels = self.config["learn_sigma"], self.config["in_channels"]
+        self.out_channels = self.in_channels * 2 if self.learn_sigma else self.in_channels
+        self.input_size, self.patch_size = self.config["input_size"], self.config["patch_size"]
+        self.grad_checkpointing = self.config["grad_checkpointing"]
+
+    def routing_config(self):
+        """The settings that rebuild the routing tables (stored in checkpoints)."""
+        return {k: self.config[k] for k in ROUTING_CONFIG_KEYS}
+
+    def unpatchify(self, x):
+        """(N, T, patch_size**2 * C) -> (N, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def denoise(self, x, t, c, *block_args):
+        """Output (N, out_channels, H, W) of x (N, C, H, W) under adaLN condition c (N, D); every block also gets
+        t (its routing mask) and block_args (the text DiT's tokens)."""
+        if self.config["routing"] != "none":  # the mask tables are indexed by t
+            check_timesteps(t, x.shape[0], NUM_TIMESTEPS)
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, t, *block_args, use_reentrant=False)
+            else:
+                x = block(x, c, t, *block_args)
+        x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
+        return self.unpatchify(x)
+
+
+class DiT(DiTTrunk):
     """Diffusion model with a Transformer backbone, optionally with task routing in every block."""
 
     def __init__(
@@ -211,20 +255,9 @@ class DiT(nn.Module):
             class_dropout_prob = CFG_DROP_PROB if num_classes > 1 else 0.0
         check_transformer_shape(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio)
         validate_routing(routing, NUM_TIMESTEPS, hidden_size, alpha, beta)
-        self.config = dict(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, learn_sigma=learn_sigma, routing=routing, alpha=alpha, beta=beta,
-            routing_seed=routing_seed, grad_checkpointing=grad_checkpointing,
-        )
-        self.learn_sigma = learn_sigma
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.input_size = input_size
-        self.patch_size = patch_size
+        self.keep_config(locals())
         self.num_heads = num_heads
         self.num_classes = num_classes
-        self.grad_checkpointing = grad_checkpointing
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -239,35 +272,14 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
-    def routing_config(self):
-        """The settings that rebuild the routing tables (stored in checkpoints)."""
-        return {k: self.config[k] for k in ROUTING_CONFIG_KEYS}
-
     def initialize_weights(self):
         """Official DiT initialisation, label embeddings N(0, 0.02)."""
         initialize_dit_weights(self, lambda: nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02))
 
-    def unpatchify(self, x):
-        """(N, T, patch_size**2 * C) -> (N, C, H, W)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
-
     def forward(self, x, t, y, force_drop_ids=None):
         """Model output (N, out_channels, H, W) for inputs x (N, C, H, W), timesteps t (N,), labels y (N,)."""
-        if self.config["routing"] != "none":  # the mask tables are indexed by t
-            check_timesteps(t, x.shape[0], NUM_TIMESTEPS)
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, t, use_reentrant=False)
-            else:
-                x = block(x, c, t)
-        x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
-        return self.unpatchify(x)
+        return self.denoise(x, t, c)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels="all"):
         """Official DiT's guided forward on a doubled batch (first half conditional, second half null labels):

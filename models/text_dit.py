@@ -22,14 +22,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from models.dit import (Attention, DiT_SHAPES, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, check_transformer_shape,
-                        initialize_dit_weights,
-                        modulate)
+from models.dit import (Attention, DiT_SHAPES, DiTTrunk, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder,
+                        check_transformer_shape, initialize_dit_weights, modulate)
 from models.label_dropout import CFG_DROP_PROB, drop_mask
-from models.routing import (DTR_ALPHA, DTR_BETA, NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps,
-                            make_block_router, routed, validate_routing)
+from models.routing import DTR_ALPHA, DTR_BETA, NUM_TIMESTEPS, make_block_router, routed, validate_routing
 
 
 #################################################################################
@@ -94,7 +91,7 @@ class TextDiTBlock(nn.Module):
 #                              Core Text DiT Model                              #
 #################################################################################
 
-class TextDiT(nn.Module):
+class TextDiT(DiTTrunk):
     """Text-to-image DiT (MS-COCO setting): timestep-only adaLN-Zero, cross-attention to CLIP tokens, DTR."""
 
     def __init__(
@@ -124,22 +121,10 @@ class TextDiT(nn.Module):
             raise ValueError(f"caption_dropout_prob must lie in [0, 1], got {caption_dropout_prob!r}")
         check_transformer_shape(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio)
         validate_routing(routing, NUM_TIMESTEPS, hidden_size, alpha, beta)
-        self.config = dict(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, context_dim=context_dim,
-            max_text_len=max_text_len, caption_dropout_prob=caption_dropout_prob, learn_sigma=learn_sigma,
-            routing=routing, alpha=alpha, beta=beta, routing_seed=routing_seed,
-            grad_checkpointing=grad_checkpointing,
-        )
-        self.learn_sigma = learn_sigma
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.input_size = input_size
-        self.patch_size = patch_size
+        self.keep_config(locals())
         self.context_dim = context_dim
         self.max_text_len = max_text_len
         self.caption_dropout_prob = caption_dropout_prob
-        self.grad_checkpointing = grad_checkpointing
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -153,10 +138,6 @@ class TextDiT(nn.Module):
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
-
-    def routing_config(self):
-        """The settings that rebuild the routing tables (stored in checkpoints)."""
-        return {k: self.config[k] for k in ROUTING_CONFIG_KEYS}
 
     def initialize_weights(self):
         """DiT initialisation, plus zeroed cross-attention outputs so every block starts as the identity."""
@@ -207,14 +188,6 @@ class TextDiT(nn.Module):
             context_mask = context_mask | drop_ids[:, None]  # the null caption attends all its tokens
         return context, context_mask
 
-    def unpatchify(self, x):
-        """(N, T, patch_size**2 * C) -> (N, C, H, W)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
-
     def forward(self, x, t, context, context_mask=None, force_drop_ids=None):
         """Output (N, out_channels, H, W) for x (N, C, H, W), timesteps t (N,) and text tokens context (N, L, D_text).
 
@@ -223,19 +196,10 @@ class TextDiT(nn.Module):
         if context_mask is not None:
             context_mask = context_mask.bool()
         self.check_context(x.shape[0], context, context_mask)
-        if self.config["routing"] != "none":  # the mask tables are indexed by t
-            check_timesteps(t, x.shape[0], NUM_TIMESTEPS)
         if (self.training and self.caption_dropout_prob > 0) or force_drop_ids is not None:
             context, context_mask = self.drop_captions(context, context_mask, force_drop_ids)
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
         c = self.t_embedder(t)  # (N, D): the timestep alone drives adaLN
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, t, context, context_mask, use_reentrant=False)
-            else:
-                x = block(x, c, t, context, context_mask)
-        x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
-        return self.unpatchify(x)
+        return self.denoise(x, t, c, context, context_mask)
 
 
 #################################################################################
