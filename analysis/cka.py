@@ -1,6 +1,6 @@
 """Linear CKA between the block outputs of one model at different timesteps (Fig. 6, Sec. 5.4).
 
-    python -m analysis.cka --ckpt results/000-DiT-custom/checkpoints/0001600.pt \\
+    python -m analysis.cka --ckpt results/000-DiT-S-2/checkpoints/0001600.pt \\
         --data-path /usr/share/datasets/fashion-mnist --out cka/          # pixel models: images
     python -m analysis.cka --ckpt ... --feature-path features/imagenet256 --out cka/   # latent models
 

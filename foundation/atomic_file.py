@@ -17,7 +17,7 @@ import tempfile
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
-# .<name>.pid<PID>@<HOST>.<random>.tmp; files of older versions lack the pid@host part
+# .<name>.pid<PID>@<HOST>.<random>.tmp; a temp name without the pid@host part has no known writer
 TEMP_FILE = re.compile(r"^\.(?P<target>.+?)\.(?:pid(?P<pid>\d+)@(?P<host>.+)\.)?[^.]+\.tmp$")
 
 

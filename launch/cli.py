@@ -30,7 +30,7 @@ Rules of the contract:
   * Raise it before anything is written, so a rejected command leaves no files behind: check_writable(path,
     flag) at the start tests an output path without creating it, make_output_dir(path, flag) creates the folder
     once the inputs have passed.
-  * UsageError is a ValueError, so library callers (and tests calling main(args)) can catch it as before.
+  * UsageError is a ValueError, so library callers (and tests calling main(args)) can catch it as one.
   * argparse's own errors (a bad number such as --lr nan, an unknown flag, a missing argument) end the same way
     under run_command: one line, not the 16-27 line usage block first (`prog -h` prints that).
   * Under torchrun every rank runs the same checks and exits 2; the line is printed once, by rank 0. A check

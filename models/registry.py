@@ -39,7 +39,7 @@ MODEL_FAMILIES = {
     "ADM": ModelFamily(ADM, ADM_models),   # Dhariwal & Nichol (2021), pixel space 64x64
     "TextDiT": ModelFamily(TextDiT, TextDiT_models),  # text-to-image DiT of the paper's App. C (MS-COCO)
 }
-# Names checkpoints of older versions of this code stored for DiTs built outside the zoo.
+# Model names that train.py checkpoints carry for DiTs built outside the zoo ("DiT-custom", "custom").
 LEGACY_NAMES = {"DiT-custom": "DiT", "custom": "DiT"}
 
 

@@ -38,7 +38,7 @@ def checkpoint_record(args):
     paths = [os.path.abspath(p) for p in checkpoint_paths(args)]
     ranges = getattr(args, "expert_range", None)
     if len(paths) == 1 and ranges is None:
-        return paths[0]  # as before: resuming older shard folders still matches
+        return paths[0]  # one checkpoint: a plain path, as shard folders of one model have always stored it
     return [[p, list(r) if r is not None else None] for p, r in zip(paths, ranges or [None] * len(paths))]
 
 

@@ -9,7 +9,7 @@ be lost or go stale. The digest covers every byte torch.save wrote (its end reco
 empty comment), so any damage anywhere in the file shows.
 
 Files without a checksum (written before it existed, or by other code: official DiT, the DTR release) are
-read as before: only their size, first bytes and zip end are checked.
+are read with lighter checks: only their size, first bytes and zip end.
 
 Cost: one SHA-256 pass over the file on each side. Saving hashes the bytes in memory as they stream out
 (lost in the fsync of the atomic write: benchmarks/checkpoint_integrity.py measured no difference for 1 GiB);
