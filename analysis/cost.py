@@ -77,7 +77,7 @@ def main(args):
         raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected names from {', '.join(model_names())}")
     check_at_least(args, 1, "batch_size", "rounds", "input_size", "in_channels", "num_classes", "threads")
     if args.warmup < MIN_WARMUP or args.rounds < MIN_ROUNDS:
-        # --warmup 0 --rounds 1 once reported DTR 2.06x faster: the vanilla model's first step paid the setup
+        # without a warm-up the model timed first pays the one-time setup: --warmup 0 --rounds 1 shows DTR ~2x faster
         raise UsageError(f"--warmup {args.warmup} --rounds {args.rounds} is too small to time anything: the first "
                          f"step of a model pays one-time setup, and the fastest of fewer than {MIN_ROUNDS} rounds is "
                          f"noise; give --warmup >= {MIN_WARMUP} --rounds >= {MIN_ROUNDS}")

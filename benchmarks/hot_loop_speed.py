@@ -50,7 +50,7 @@ def compare(before, after, rounds):
     return min(b), min(a)
 
 
-def legacy_attention(qkv, num_heads):
+def channels_major_attention(qkv, num_heads):
     """The replaced QKVAttention (new order): transposed (N, heads, L, D) views with unit stride over L."""
     n, width, length = qkv.shape
     d = width // (3 * num_heads)
@@ -68,11 +68,11 @@ def attention_case(rounds):
             fn(qkv).sum().backward()
             qkv.grad = None
         return step
-    torch.testing.assert_close(legacy_attention(qkv, 6), attention(qkv), rtol=1e-4, atol=1e-5)
-    return compare(run(lambda x: legacy_attention(x, 6)), run(attention), rounds)
+    torch.testing.assert_close(channels_major_attention(qkv, 6), attention(qkv), rtol=1e-4, atol=1e-5)
+    return compare(run(lambda x: channels_major_attention(x, 6)), run(attention), rounds)
 
 
-def legacy_update_ema(ema_model, model, decay):
+def two_pass_update_ema(ema_model, model, decay):
     """The replaced update_ema: OrderedDict per step, ema.mul_(decay) then add_(param, 1 - decay)."""
     ema_params = OrderedDict(ema_model.named_parameters())
     pairs = [(ema_params[name], param.detach()) for name, param in model.named_parameters()]
@@ -85,7 +85,7 @@ def ema_case(rounds):
     ema = copy.deepcopy(model).requires_grad_(False)
     update = EMAUpdater(ema, model)
     with torch.no_grad():
-        return compare(lambda: legacy_update_ema(ema, model, 0.9999), lambda: update(0.9999), rounds)
+        return compare(lambda: two_pass_update_ema(ema, model, 0.9999), lambda: update(0.9999), rounds)
 
 
 def noise_case(rounds, steps=250, batch=32):

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @pytest.fixture(autouse=True)
 def grad_mode_is_not_leaked():
-    """Scripts' main() run in-process must leave autograd as they found it (a leak broke later tests)."""
+    """Scripts' main() run in-process must leave autograd as they found it (a leak turns it off in later tests)."""
     yield
     assert torch.is_grad_enabled(), "a test left torch's global grad mode disabled"
 

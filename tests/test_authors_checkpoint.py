@@ -120,7 +120,7 @@ def test_release_routing_tables_default_raw_state_dicts_to_dtr_and_cosine(tmp_pa
     loaded, settings = load_checkpoint(str(tmp_path / "release_raw.pt"), {"model": "DiT-S/8", "image_size": 64})
     assert settings.diffusion_config["noise_schedule"] == "cosine"
     assert loaded.routing_config()["routing"] == "dtr"
-    torch.save(model.state_dict(), tmp_path / "plain_raw.pt")  # no tables: official DiT's defaults as before
+    torch.save(model.state_dict(), tmp_path / "plain_raw.pt")  # no tables: official DiT's settings
     loaded, settings = load_checkpoint(str(tmp_path / "plain_raw.pt"), {"model": "DiT-S/8", "image_size": 64})
     assert settings.diffusion_config["noise_schedule"] == "linear" and loaded.routing_config()["routing"] == "none"
 

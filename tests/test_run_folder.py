@@ -81,7 +81,7 @@ def test_exp_name_folder_is_reused_and_resume_auto_picks_the_newest_whole_checkp
     run_dir, ckpt, removed, skipped = resolve_run(str(tmp_path), "DiT-S-2", "my-run", "auto")
     assert run_dir == str(tmp_path / "my-run") and ckpt is None and removed == skipped == []
     folder = os.path.join(run_dir, "checkpoints")
-    legacy = touch_checkpoint(folder, 2)  # a plain torch.save file, as train.py wrote before checksums: accepted
+    legacy = touch_checkpoint(folder, 2)  # a plain torch.save file, no checksum: accepted
     newest_whole = os.path.join(folder, "0000004.pt")
     save_checkpoint({"step": 4, "w": torch.arange(4096.0)}, newest_whole)
     touch_checkpoint(folder, 6, data=open(newest_whole, "rb").read()[:100])  # cut short: not a whole zip

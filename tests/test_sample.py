@@ -159,7 +159,7 @@ def test_cfg_scale_nan_or_negative_exits_2_in_both_samplers_and_writes_nothing(t
     for script, out_flags in (("sample.py", ["--out", tmp_path / "out" / "x.png"]),
                               ("sample_ddp.py", ["--sample-dir", tmp_path / "out"])):
         module = {"sample.py": sample, "sample_ddp.py": sample_ddp}[script]
-        with pytest.raises(SystemExit) as stop:  # nan used to give black images; now argparse's own error
+        with pytest.raises(SystemExit) as stop:  # nan would draw black images: argparse refuses it
             module.build_parser().parse_args(["--ckpt", ckpt, "--cfg-scale", "nan"])
         assert stop.value.code == 2
         result = sample_cli(script, "--ckpt", ckpt, *out_flags, "--cfg-scale", "-1")

@@ -180,7 +180,7 @@ def test_resume_mid_epoch_matches_uninterrupted_bitwise(tmp_path, images):
     common = ["--data-path", images, "--ckpt-every", 100, "--loss-weighting", "ant-uw", "--ema-decay", "0.9"]
     straight = run(*common, "--results-dir", tmp_path / "a", "--max-steps", 8)
     half = run(*common, "--results-dir", tmp_path / "b", "--max-steps", 3)
-    unseal(f"{half}/checkpoints/0000003.pt")  # as main wrote checkpoints before checksums: resumed as before
+    unseal(f"{half}/checkpoints/0000003.pt")  # no checksum: still resumes bit-exactly
     resumed = run(*common, "--results-dir", tmp_path / "b", "--max-steps", 8,
                   "--resume", f"{half}/checkpoints/0000003.pt")
     assert resumed == half  # continues in the same experiment folder
@@ -194,7 +194,7 @@ def test_resume_mid_epoch_matches_uninterrupted_bitwise(tmp_path, images):
 
 
 def unseal(path):
-    """Drop the checksum from a checkpoint's zip comment: the file train.py wrote before checksums existed."""
+    """Drop the checksum from a checkpoint's zip comment, leaving a plain torch.save file."""
     from storage.checkpoint_integrity import COMMENT_SIZE, stored_checksum
     data = open(path, "rb").read()
     open(path, "wb").write(data[:-COMMENT_SIZE - 2] + b"\0\0")
