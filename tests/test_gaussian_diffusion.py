@@ -237,7 +237,7 @@ def test_noise_fn_replaces_the_step_draw_of_ddpm_and_ddim():
         z = torch.randn_like(x)
         torch.manual_seed(3)
         default = step(model, x, t, clip_denoised=False, **kwargs)["sample"]  # draws z itself
-        torch.manual_seed(4)  # a noise_fn that were ignored would now draw other noise
+        torch.manual_seed(4)  # an ignored noise_fn would draw other noise from this seed
         given = step(model, x, t, clip_denoised=False, noise_fn=lambda like: z, **kwargs)["sample"]
         assert torch.equal(given, default), step.__name__
         # z and -z land symmetrically about the noiseless step, except at t = 0, which gets no noise

@@ -69,7 +69,7 @@ def test_fid_of_features_equals_the_sqrtm_route_and_the_symmetric_eigen_formula_
         samples = 1.3 * rng.standard_normal((n, 48)) + 0.2
         mu1, sigma1 = feature_statistics(samples)
         got = frechet_distance_of_features(samples, ref_mu, ref_sigma)
-        # the evaluator's route before: scipy's sqrtm of the rank-deficient S1 S2 is good to ~1e-7 relative here
+        # frechet_distance's route (ADM's: scipy's sqrtm of the rank-deficient S1 S2) is good to ~1e-7 relative here
         assert got == pytest.approx(frechet_distance(mu1, sigma1, ref_mu, ref_sigma), rel=1e-6)
         # independent: tr sqrt(S2^1/2 S1 S2^1/2) from a symmetric (d, d) eigendecomposition; its d - n + 1 zero
         # eigenvalues come out as rounding noise ~1e-15, whose square roots add up to ~1e-7 relative

@@ -69,7 +69,7 @@ def test_every_import_is_declared_and_every_runtime_dependency_is_imported():
     everything = set().union(*groups.values())
     assert runtime - everything == set(), "imported at run time but not declared"
     assert tests - everything == set(), "imported by the tests but not declared"
-    # a core dependency nothing imports is dead weight (accelerate was one); test-only packages live in dev
+    # a core dependency nothing imports is dead weight every install pays for; test-only packages live in dev
     assert groups["dependencies"] - runtime == set(), "declared but never imported at run time"
     assert groups["dev"] - groups["dependencies"] - runtime <= tests, "dev packages the tests do not import"
     assert tests - runtime <= groups["dev"] | groups["eval"] | groups["text"] | groups["data wheels"], \
