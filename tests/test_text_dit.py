@@ -328,5 +328,9 @@ def test_clip_captions_condition_the_text_dit_end_to_end(tiny_clip_dir):
     model = randomize(TextDiT(**{**TINY, "context_dim": encoder.width}, routing="dtr"))
     x, t, _, _ = inputs(n=2)
     context, mask = encoder(["a cat", "a dog"])
-    out = model(x[:1].expand(2, -1, -1, -1), t[:1].expand(2), context, mask)
-    assert not torch.allclose(out[0], out[1])  # same noise and timestep, different captions
+    x, t = x[:1].expand(2, -1, -1, -1), t[:1].expand(2)  # same noise and timestep, different captions
+    out = model(x, t, context, mask)
+    assert not torch.allclose(out[0], out[1])
+    # each output follows its own caption: encoding the captions in the other order swaps the outputs
+    swapped = model(x, t, *encoder(["a dog", "a cat"]))
+    torch.testing.assert_close(swapped, out.flip(0))
