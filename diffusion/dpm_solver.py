@@ -86,7 +86,9 @@ def dpm_solver_pp_sample_loop(diffusion, model, shape, noise=None, clip_denoised
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         a, b, c = coefficients[i]
-        x = b * x0 if a == 0.0 else a * x + b * x0 if c == 0.0 else a * x + b * x0 + c * x0_prev
+        x = b * x0 if a == 0.0 else a * x + b * x0  # a = 0 on the last step: the data is the x_0 prediction
+        if c != 0.0:  # the multistep correction from the previous x_0 prediction
+            x = x + c * x0_prev
         x0_prev = x0
     return x
 
