@@ -18,27 +18,35 @@ def _snr(schedule="squaredcos_cap_v2"):
 T_PROBE = torch.tensor([0, 1, 10, 120, 300, 640, 900, 999])
 
 
-@pytest.mark.parametrize("prediction, formula", [
-    ("epsilon", lambda snr, g: torch.clamp(snr, max=g) / snr),
-    ("x_start", lambda snr, g: torch.clamp(snr, max=g)),
-    ("velocity", lambda snr, g: torch.clamp(snr, max=g) / (snr + 1)),
-])
-def test_min_snr_weight_matches_formula_per_sample(prediction, formula):
-    snr = _snr()
-    w = build_loss_weighting("min-snr", create_diffusion("", noise_schedule="squaredcos_cap_v2").alphas_cumprod,
-                             prediction=prediction, min_snr_gamma=5.0)
+def test_min_snr_weights_the_x0_loss_by_snr_clipped_at_gamma_in_each_targets_units():
+    # Hang et al. Eq. 8: the x0-loss weight is min(snr, gamma); ||eps - eps_hat||^2 = snr ||x0 - x0_hat||^2 and
+    # ||v - v_hat||^2 = (snr + 1) ||x0 - x0_hat||^2 carry it into the eps and v losses
+    snr = _snr()[T_PROBE]
+    high = snr > 5.0
+    assert high.any() and (~high).any()  # T_PROBE reaches both sides of gamma
+    alphas_cumprod = create_diffusion("", noise_schedule="squaredcos_cap_v2").alphas_cumprod
+    weights = {prediction: build_loss_weighting("min-snr", alphas_cumprod, prediction=prediction,
+                                                min_snr_gamma=5.0).weights(T_PROBE)
+               for prediction in ("epsilon", "x_start", "velocity")}
+    torch.testing.assert_close(weights["x_start"][high], torch.full_like(snr[high], 5.0))
+    torch.testing.assert_close(weights["x_start"][~high], snr[~high])
+    torch.testing.assert_close(weights["epsilon"][~high], torch.ones_like(snr[~high]))  # below gamma: plain loss
+    torch.testing.assert_close(weights["epsilon"] * snr, weights["x_start"])
+    torch.testing.assert_close(weights["velocity"] * (snr + 1), weights["x_start"])
     mse = torch.rand(len(T_PROBE), dtype=torch.float64)
-    torch.testing.assert_close(w(mse, T_PROBE), formula(snr[T_PROBE], 5.0) * mse)
+    w = build_loss_weighting("min-snr", alphas_cumprod, prediction="epsilon", min_snr_gamma=5.0)
+    torch.testing.assert_close(w(mse, T_PROBE), weights["epsilon"] * mse)  # per sample
 
 
 @pytest.mark.parametrize("gamma", [0.5, 1.0])
-def test_p2_weight_is_per_sample_and_matches_formula(gamma):
-    snr = _snr()
+def test_p2_with_k_one_weights_by_one_minus_alpha_bar_to_the_gamma(gamma):
+    # Choi et al. Eq. 8 with k = 1: 1 / (1 + snr)^gamma = (1 - alpha_bar)^gamma, since snr = alpha_bar / (1 - alpha_bar)
     d = create_diffusion("", noise_schedule="squaredcos_cap_v2", loss_weighting="p2", p2_k=1.0, p2_gamma=gamma)
     mse = torch.rand(len(T_PROBE), dtype=torch.float64)
     weighted = d.loss_weighting(mse, T_PROBE)
     assert weighted.shape == (len(T_PROBE),)
-    torch.testing.assert_close(weighted, mse / (1.0 + snr[T_PROBE]) ** gamma)
+    one_minus_alpha_bar = torch.from_numpy(1 - d.alphas_cumprod)[T_PROBE]
+    torch.testing.assert_close(weighted, mse * one_minus_alpha_bar ** gamma)
 
 
 def test_weighting_rejects_non_per_sample_losses():
