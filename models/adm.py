@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.dit import timestep_embedding
+from models.constructor_config import constructor_arguments
 from models.label_dropout import CFG_DROP_PROB, drop_mask
 from models.routing import (DTR_ALPHA, DTR_BETA, NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps,
                             make_block_router, validate_routing)
@@ -285,16 +286,7 @@ class ADM(nn.Module):
         validate_routing(routing, NUM_TIMESTEPS, model_channels, alpha, beta)
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
-        self.config = dict(
-            input_size=input_size, in_channels=in_channels, model_channels=model_channels,
-            num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, dropout=dropout,
-            channel_mult=channel_mult, num_classes=num_classes, class_dropout_prob=class_dropout_prob,
-            learn_sigma=learn_sigma, num_heads=num_heads,
-            num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
-            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-            conv_resample=conv_resample, use_new_attention_order=use_new_attention_order, routing=routing,
-            alpha=alpha, beta=beta, routing_seed=routing_seed, grad_checkpointing=grad_checkpointing,
-        )
+        self.config = constructor_arguments(ADM, locals())  # with the defaults resolved above
         self.input_size = input_size
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels

@@ -4,7 +4,6 @@ Parameter names, initialisation and outputs follow the official DiT code, so its
 checkpoints (DiT-XL-2-256x256.pt, ...) load with strict=True. Routing masks are fixed,
 non-persistent buffers and add no parameters.
 """
-import inspect
 import math
 from functools import partial
 
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffusion.guidance import ClassifierFreeGuidance
+from models.constructor_config import constructor_arguments
 from models.label_dropout import CFG_DROP_PROB, drop_mask
 from models.routing import (DTR_ALPHA, DTR_BETA, NUM_TIMESTEPS, ROUTING_CONFIG_KEYS, check_timesteps,
                             make_block_router, routed, validate_routing)
@@ -193,7 +193,7 @@ class DiTTrunk(nn.Module):
     def keep_config(self, arguments):
         """self.config = every constructor argument by name (what a checkpoint stores to rebuild the model), and
         the shape attributes the samplers and train.py read."""
-        self.config = {name: arguments[name] for name in inspect.signature(type(self)).parameters}
+        self.config = constructor_arguments(type(self), arguments)
         self.learn_sigma, self.in_channels = self.config["learn_sigma"], self.config["in_channels"]
         self.out_channels = self.in_channels * 2 if self.learn_sigma else self.in_channels
         self.input_size, self.patch_size = self.config["input_size"], self.config["patch_size"]
