@@ -15,13 +15,13 @@ from foundation.atomic_file import atomic_write
 from foundation.flag_types import finite_float
 from foundation.usage_error import UsageError
 from launch.cli import run_command
-from models.routing import ROUTING_KINDS, build_masks, validate_routing
+from models.routing import NUM_TIMESTEPS, ROUTING_KINDS, build_masks, validate_routing
 
 ALPHA_FREE_KINDS = ("none", "random", "ercdt")  # kinds whose table does not depend on alpha
 BETA_FREE_KINDS = ("none", "ercdt")  # ... nor on beta (ercdt's split is fixed by Appendix F)
 
 
-def mask_panels(kinds, alphas, betas, channels, num_tasks=1000, seed=0):
+def mask_panels(kinds, alphas, betas, channels, num_tasks=NUM_TIMESTEPS, seed=0):
     """[(kind, alpha, beta, (T, C) 0/1 array)] for every kind x alpha x beta, each distinct table once."""
     panels = []
     for kind in kinds:
@@ -89,7 +89,7 @@ def build_parser():
     parser.add_argument("--alphas", type=finite_float, nargs="+", default=[1.0, 4.0], help="DTR window shift (Eq. 4)")
     parser.add_argument("--betas", type=finite_float, nargs="+", default=[0.5, 0.8], help="share of active channels")
     parser.add_argument("--channels", type=int, default=128, help="C; DiT-L/2 routes 1024, DiT-XL/2 1152")
-    parser.add_argument("--num-tasks", type=int, default=1000, help="T, the diffusion steps")
+    parser.add_argument("--num-tasks", type=int, default=NUM_TIMESTEPS, help="T, the diffusion steps")
     parser.add_argument("--seed", type=int, default=0, help="R-TR seed")
     parser.add_argument("--columns", type=int, default=4)
     parser.add_argument("--out", type=str, default="masks.png")

@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from diffusion import create_diffusion
+from diffusion import PAPER_SCHEDULE, create_diffusion
 from foundation.flag_types import finite_float
 
 
@@ -26,7 +26,7 @@ from foundation.flag_types import finite_float
 
 def cluster_losses(num_samples, num_clusters, data_std, seed):
     """Per-cluster mean MSE and MSE + VB (K,) of the Bayes-optimal epsilon predictor on one stratified batch."""
-    diffusion = create_diffusion("", noise_schedule="squaredcos_cap_v2", loss_weighting="ant-uw",
+    diffusion = create_diffusion("", noise_schedule=PAPER_SCHEDULE, loss_weighting="ant-uw",
                                  ant_num_clusters=num_clusters)
     alphas_cumprod = torch.from_numpy(diffusion.alphas_cumprod)
     g = torch.Generator().manual_seed(seed)
@@ -40,7 +40,7 @@ def cluster_losses(num_samples, num_clusters, data_std, seed):
         eps = (1 - a).sqrt() * x / (a * data_std ** 2 + 1 - a)
         return torch.cat([eps, torch.zeros_like(eps)], dim=1)  # (N, 2C, H, W): variance output 0
 
-    terms = create_diffusion("", noise_schedule="squaredcos_cap_v2").training_losses(optimal_eps, x0, t, noise=noise)
+    terms = create_diffusion("", noise_schedule=PAPER_SCHEDULE).training_losses(optimal_eps, x0, t, noise=noise)
     k = diffusion.loss_weighting.cluster_index(t)
     mse = torch.stack([terms["mse"][k == j].mean() for j in range(num_clusters)])
     whole = torch.stack([(terms["mse"] + terms["vb"])[k == j].mean() for j in range(num_clusters)])

@@ -14,7 +14,7 @@ import torch
 
 from diffusion import create_diffusion
 from models import DiT, create_model
-from sampling.seeded import class_labels, generate
+from sampling.seeded import FID_CFG_SCALE, class_labels, generate
 
 
 def build(name):
@@ -53,7 +53,7 @@ def main(args):
     for name in args.models:
         model = build(name).to(device).eval()
         for sampler, full_steps in [("ddpm", 250), ("ddim", 50)]:
-            for cfg_scale in (1.0, 1.5):
+            for cfg_scale in (1.0, FID_CFG_SCALE):
                 per_step = seconds_per_step(model, sampler, args.batch_size, args.measure_steps, cfg_scale,
                                             args.repeats)
                 images_per_s = args.batch_size / (per_step * full_steps)
