@@ -8,9 +8,14 @@ from scripted_clock import ScriptedClock
 from training.step_cost import build_training_step
 
 
-def label_steps(monkeypatch, labels):
-    """Spy on the benchmark's build_training_step: labels[step] = 'text/<routing>/precomputed', 'class/<routing>'
-    (text benchmark's class DiT) or '<routing>' (the main comparison)."""
+def label_timed_functions(monkeypatch):
+    """label_of(fn) for every function the benchmark times: '<routing>' (the main comparison's steps),
+    'text/<routing>/precomputed' or '/on-the-fly', 'class/<routing>' (the paired class DiT), 'encoder', 'matmul'.
+
+    Steps are labelled by a spy on the benchmark's build_training_step.
+    """
+    labels = {}
+
     def build(args, routing, device, model_name=None, encoder=None):
         built = build_training_step(args, routing, device, model_name, encoder)
         labels[built[0]] = (f"text/{routing}/precomputed" if encoder is not None
@@ -36,9 +41,8 @@ def label_steps(monkeypatch, labels):
 ])
 def test_benchmark_reports_fastest_and_median_rounds_and_the_paired_ratio(model, model_args, input_size, monkeypatch):
     # one warm-up round (fastest of all: must not count), then 3 timed rounds of each
-    labels = {}
     clock = ScriptedClock({"dtr": [0.01, 0.4, 0.5, 0.32], "none": [0.02, 0.5, 0.25, 0.4],
-                           "matmul": [0.001, 0.02, 0.01, 0.04]}, label_steps(monkeypatch, labels))
+                           "matmul": [0.001, 0.02, 0.01, 0.04]}, label_timed_functions(monkeypatch))
     monkeypatch.setattr(train_throughput, "timed", clock.timed)
     argv = ["--model", model, "--input-size", str(input_size), "--batch-size", "2", "--threads", "1", "--steps", "3",
             "--warmup", "1", "--matmul-size", "64", *[f"--model-arg={a}" for a in model_args]]
@@ -67,8 +71,7 @@ def test_benchmark_reports_fastest_and_median_rounds_and_the_paired_ratio(model,
 def test_text_benchmark_pairs_the_text_model_with_the_class_model_and_the_encoder(tiny_clip_path, monkeypatch):
     seconds = {"text/dtr/precomputed": 0.3, "text/none/precomputed": 0.25, "text/dtr/on-the-fly": 0.5,
                "text/none/on-the-fly": 0.45, "class/dtr": 0.2, "class/none": 0.1, "encoder": 0.15, "matmul": 0.01}
-    labels = {}
-    clock = ScriptedClock(seconds, label_steps(monkeypatch, labels))
+    clock = ScriptedClock(seconds, label_timed_functions(monkeypatch))
     monkeypatch.setattr(train_throughput, "timed", clock.timed)
     argv = ["--model", "TextDiT-S/2", "--input-size", "8", "--batch-size", "2", "--threads", "1", "--steps", "2",
             "--warmup", "0", "--matmul-size", "64", "--text-encoder", tiny_clip_path,
