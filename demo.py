@@ -58,7 +58,7 @@ def since(start):
     return now[0] - start[0], now[1] - start[1]
 
 
-def torchrun(nproc):
+def torchrun_command(nproc):
     """`torchrun --standalone --nproc_per_node=nproc` as this interpreter's module."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
@@ -93,7 +93,7 @@ def train_and_sample(args, config, routing, run_dir, timings):
     make_output_dir(logs, "--out")
     train_dir = os.path.join(run_dir, "train")
     before = set(os.listdir(train_dir)) if os.path.isdir(train_dir) else set()
-    timings["train"] = run_stage(f"train {routing}", torchrun(args.nproc) + [
+    timings["train"] = run_stage(f"train {routing}", torchrun_command(args.nproc) + [
         "train.py", "--config", os.path.abspath(args.config), "--data-path", args.data_path, "--routing", routing,
         "--global-seed", str(args.seed), "--results-dir", train_dir],
         os.path.join(logs, "train.log"), steps, TRAIN_STEP, threads=1)
@@ -110,7 +110,7 @@ def train_and_sample(args, config, routing, run_dir, timings):
         os.path.join(logs, "grid.log"), args.grid_steps, BAR_COUNT, threads=args.nproc)
 
     sample_dir = os.path.join(run_dir, "samples")
-    timings["samples"] = run_stage(f"samples {routing}", torchrun(args.nproc) + [
+    timings["samples"] = run_stage(f"samples {routing}", torchrun_command(args.nproc) + [
         "sample_ddp.py", "--ckpt", checkpoint, "--sample-dir", sample_dir, "--num-fid-samples",
         str(args.num_fid_samples), "--sampler", args.fid_sampler, "--num-sampling-steps", str(args.fid_steps),
         "--cfg-scale", str(args.fid_cfg_scale), "--balanced-classes", "--global-seed", str(args.seed),
