@@ -109,7 +109,8 @@ def main(args):
         start = time.perf_counter()
         adm = frechet_distance(*feature_statistics(samples), ref_mu, ref_sigma)
         sqrtm_seconds = time.perf_counter() - start
-        line += f", 2048 x 2048 sqrtm {sqrtm_seconds:.1f} s ({sqrtm_seconds / exact_seconds:.0f}x); relative gap {abs(adm - exact) / exact:.1e}"
+        line += (f", 2048 x 2048 sqrtm {sqrtm_seconds:.1f} s ({sqrtm_seconds / exact_seconds:.0f}x); "
+                 f"relative gap {abs(adm - exact) / exact:.1e}")
     print(line)
 
     real = torch.from_numpy(rng.standard_normal((args.pr_points, 2048), dtype=np.float32)).to(device)

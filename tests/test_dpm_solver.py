@@ -77,7 +77,7 @@ def test_sampler_on_the_discrete_grid_converges_to_the_exact_flow():
 
 
 def test_first_order_step_is_ddim_and_second_order_sampler_is_deterministic():
-    d = create_diffusion("trailing7", noise_schedule="squaredcos_cap_v2")  # learned sigma: solver must take the eps half
+    d = create_diffusion("trailing7", noise_schedule="squaredcos_cap_v2")  # learned sigma: the solver takes eps
 
     def model(x, t):  # a smooth nonlinear eps(x, t) that mixes pixels, with a variance half
         eps = torch.tanh(0.7 * x + 0.3 * x.roll(1, dims=-1) + t.view(-1, 1, 1, 1) / 1000)
