@@ -19,11 +19,13 @@ import torch
 
 from analysis.study import ROUTING_COLORS, ROUTING_LABELS, STUDY_SIZES, curves, mean_std, paired_gaps
 from foundation.atomic_file import atomic_write
+from foundation.settings_diff import describe_differences
 from foundation.usage_error import UsageError
 from launch.cli import run_command
 from models import create_model
 from training.step_cost import forward_flops
 
+PER_SIZE_SETTINGS = ("size", "model", "seeds", "routings", "data_path", "threads")  # may differ between sizes
 FLAT_TOLERANCE = 0.05  # vanilla has flattened when its mean FID fell by less than 5% over the last interval
 
 
@@ -164,13 +166,11 @@ def size_table(summaries, costs):
 def main(args):
     """Read every study folder, write the table and the figures."""
     studies = [read_study(folder) for folder in args.studies]
-    shared = {k: v for k, v in studies[0]["settings"].items() if k not in ("size", "model", "seeds", "routings",
-                                                                             "data_path")}
     for folder, study in zip(args.studies, studies):
-        differ = sorted(k for k in shared if study["settings"].get(k) != shared[k])
+        differ = describe_differences(studies[0]["settings"], study["settings"], args.studies[0], folder,
+                                      ignore=PER_SIZE_SETTINGS)
         if differ:
-            raise UsageError(f"{folder} was run with other settings than {args.studies[0]} ({', '.join(differ)} "
-                             "differ): the sizes must share everything but the model")
+            raise UsageError(f"the sizes must share every setting but the model; {differ}")
     costs = {study["settings"]["size"]: model_cost(study["settings"]["size"], study["settings"]["batch_size"])
              for study in studies}
     summaries = [summarise(study) for study in studies]
