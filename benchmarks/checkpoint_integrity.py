@@ -12,23 +12,13 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 import torch
 
 from foundation.atomic_file import atomic_write
 from storage.checkpoint import read_checkpoint, save_checkpoint
 from storage.checkpoint_integrity import integrity_problem
-
-
-def best_of(repeats, work):
-    """Shortest wall time of `repeats` calls of work()."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from training.step_cost import best_of
 
 
 def main(args):
@@ -39,11 +29,11 @@ def main(args):
     plain, sealed = os.path.join(folder, "plain.pt"), os.path.join(folder, "sealed.pt")
     size = args.size_mb * 2**20 / 1e9
     times = {
-        "save plain": best_of(args.repeats, lambda: atomic_write(plain, lambda f: torch.save(state, f))),
-        "save sealed": best_of(args.repeats, lambda: save_checkpoint(state, sealed)),
-        "verify checksum": best_of(args.repeats, lambda: integrity_problem(sealed)),
-        "load plain": best_of(args.repeats, lambda: torch.load(plain, weights_only=True)),
-        "load sealed (verify + load)": best_of(args.repeats, lambda: read_checkpoint(sealed)),
+        "save plain": best_of(lambda: atomic_write(plain, lambda f: torch.save(state, f)), args.repeats),
+        "save sealed": best_of(lambda: save_checkpoint(state, sealed), args.repeats),
+        "verify checksum": best_of(lambda: integrity_problem(sealed), args.repeats),
+        "load plain": best_of(lambda: torch.load(plain, weights_only=True), args.repeats),
+        "load sealed (verify + load)": best_of(lambda: read_checkpoint(sealed), args.repeats),
     }
     for name, seconds in times.items():
         print(json.dumps({"measure": name, "seconds": round(seconds, 3), "GB_per_s": round(size / seconds, 2),

@@ -17,7 +17,6 @@ Rounds alternate before and after; the fastest of each is reported, so load from
 """
 import argparse
 import copy
-import time
 from collections import OrderedDict
 
 import torch
@@ -29,16 +28,7 @@ from models.adm import QKVAttention
 from sampling.seeded import NOISE_STREAM, PerSampleNoise, sample_generator
 from training.ema import EMAUpdater
 from training.fast_path import autocast_model
-
-
-def best_of(fn, rounds):
-    """Fastest wall time of fn() over `rounds` calls."""
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from training.step_cost import best_of
 
 
 def compare(before, after, rounds):

@@ -31,6 +31,11 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
+def best_of(fn, rounds, device=torch.device("cpu")):
+    """Fastest of `rounds` timed calls of fn (the least disturbed by other load)."""
+    return min(timed(fn, device) for _ in range(rounds))
+
+
 def cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs):
     """FLOPs of the CPU flash-attention kernel, which FlopCounterMode has no formula for (~10% of DiT-S/2)."""
     return sdpa_flop_count(query_shape, key_shape, value_shape)
