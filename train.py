@@ -46,6 +46,7 @@ A run folder is held by one job (storage/run_lock.py); checkpoints carry a SHA-2
 last good step, or is replaced under --skip-bad-images (imagedata/unreadable_images.py).
 """
 import copy
+import functools
 import os
 import sys
 from glob import glob
@@ -78,6 +79,7 @@ from training.data_checks import check_data_fits_model, open_dataset, unused_cla
 from training.ema import EMAUpdater, requires_grad
 from training.fast_path import AUTOCAST_DTYPES, compile_for_training, resolve_mixed_precision, wrap_ddp
 from training.flags import build_parser, check_data_paths, is_text_model, model_overrides, parse_args, validate_args
+from training.lr_schedule import learning_rate
 from training.step import train_step
 
 
@@ -292,14 +294,19 @@ def train(args, rank, world_size, device, preemption=None, lock=None):
     steps_per_epoch = len(dataset) // args.global_batch_size
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     local_batch_size = args.global_batch_size // world_size
+    if args.lr_schedule == "cosine" and max_steps <= args.warmup_steps:
+        raise UsageError(f"--lr-schedule cosine: {max_steps} steps (--epochs {args.epochs}) must exceed "
+                         f"--warmup-steps {args.warmup_steps}")
+    lr_at = functools.partial(learning_rate, base_lr=args.lr, schedule=args.lr_schedule,
+                              warmup_steps=args.warmup_steps, total_steps=max_steps)
     try:
         for note in notes:
             logger.info(note)
         if checkpoint is not None:
             logger.info(f"Resumed from {checkpoint['path']} at step {state.step} (epoch {state.epoch}, "
                         f"batch {state.position})")
-            if saved_lr != args.lr:
-                logger.info(f"Learning rate changed on resume: {saved_lr:g} -> {args.lr:g} (--lr)")
+            if saved_lr != lr_at(state.step - 1):  # the lr of the checkpoint's last step, by this run's flags
+                logger.info(f"Learning rate changed on resume: {saved_lr:g} -> {lr_at(state.step - 1):g} (--lr)")
         elif args.resume == "auto":
             logger.info(f"--resume auto: no checkpoint in {checkpoint_dir} yet, starting from step 0")
         logger.info(f"Experiment directory: {experiment_dir}")
@@ -353,6 +360,7 @@ def train(args, rank, world_size, device, preemption=None, lock=None):
                 x = x.to(device, non_blocking=True)
                 image_ids = y  # a text model's COCO image ids, on the host (its captions are drawn there)
                 y = y.to(device, non_blocking=True)  # (B,)
+                apply_learning_rate(state.opt, lr_at(state.step))  # a host float: no device sync
                 loss, t, losses = train_step(state, ddp_model, diffusion, x, y, args, rank, world_size,
                                              autocast_dtype, ema_update, posterior_latents, text, image_ids)
                 monitor.after_step(t, losses)
@@ -368,8 +376,7 @@ def train(args, rank, world_size, device, preemption=None, lock=None):
                 if at_log or at_ckpt or stopping:  # checked here only, to avoid a device sync every step
                     check_finite(first_bad_step, checkpoint_dir, world_size)
                 if at_log:
-                    scalars = loss_log.write(state.step)
-                    monitor.at_log(state.step, {**scalars, "lr": state.opt.param_groups[0]["lr"]})
+                    monitor.at_log(state.step, loss_log.write(state.step, lr=state.opt.param_groups[0]["lr"]))
                 if state.position == steps_per_epoch:
                     state.epoch, state.position = state.epoch + 1, 0
                 grid = monitor.sample_grid(state.step, ema, state.settings["diffusion_config"], args.global_seed,

@@ -90,10 +90,11 @@ class LossLog:
         self.running_loss.fill_(sums[self.rank] if len(sums) == self.world_size else sums.mean())
         self.steps = state["steps"]
 
-    def write(self, step):
+    def write(self, step, lr=None):
         """Log the mean loss over ranks and steps since the last line, the speed and peak memory; reset.
 
-        Returns the line's {"loss", "steps_per_sec", "images_per_sec", "peak_mem_gb"} (for TensorBoard)."""
+        Returns the line's {"loss", "steps_per_sec", "images_per_sec", "peak_mem_gb"} and "lr" (the last step's
+        learning rate) if given, as written to metrics.jsonl (for TensorBoard)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         steps_per_sec = self.timed_steps / (time.time() - self.start_time)
@@ -105,6 +106,8 @@ class LossLog:
         self.logger.info(f"(step={step:07d}) Train Loss: {loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
                          f"Images/Sec: {images_per_sec:.1f}, Peak Mem: {mem:.2f} GB")
         scalars = {"loss": loss, "steps_per_sec": steps_per_sec, "images_per_sec": images_per_sec, "peak_mem_gb": mem}
+        if lr is not None:
+            scalars["lr"] = lr
         if self.rank == 0:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")

@@ -1,6 +1,6 @@
 """Which settings a resumed run may change: the lr is applied on purpose; the rest of the trajectory is fixed.
 
-A resumed run must continue the run it resumes. Batch size, seed, EMA decay and the data decide the
+A resumed run must continue the run it resumes. Batch size, seed, EMA decay, the lr schedule and the data decide the
 trajectory step by step (the saved data position counts batches of the saved size; the per-step
 generator is seeded by the seed), so a different value is refused with both values named. The
 learning rate is the one setting users change on purpose mid-run: it is written into the optimizer's
@@ -12,7 +12,7 @@ from foundation.usage_error import UsageError
 
 # argparse dest -> flag, for the settings a resume must keep
 FIXED_ON_RESUME = {"global_batch_size": "--global-batch-size", "global_seed": "--global-seed",
-                   "ema_decay": "--ema-decay"}
+                   "ema_decay": "--ema-decay", "lr_schedule": "--lr-schedule", "warmup_steps": "--warmup-steps"}
 
 
 def dataset_identity(dataset):

@@ -15,6 +15,7 @@ from models import ROUTING_KINDS, TextDiT, check_overrides, family_of, model_nam
 from models.routing import DTR_ALPHA, DTR_BETA, NUM_TIMESTEPS
 from monitoring.tensorboard_log import tensorboard_available
 from training.fast_path import PRECISIONS
+from training.lr_schedule import LR_SCHEDULES
 
 DESCRIPTION = "Train a DiT, ADM or text DiT, optionally with Denoising Task Routing, using PyTorch DDP (train.py)."
 # Constructor arguments train.py sets itself (from the data or a flag); --model-arg may not set them.
@@ -81,6 +82,9 @@ def build_parser():
     optim.add_argument("--global-batch-size", type=int, default=256)
     optim.add_argument("--global-seed", type=int, default=0)
     optim.add_argument("--lr", type=finite_float, default=1e-4)
+    optim.add_argument("--lr-schedule", type=str, choices=LR_SCHEDULES, default="constant",
+                       help="constant (the paper) or cosine: decay to zero at the last step (training/lr_schedule.py)")
+    optim.add_argument("--warmup-steps", type=int, default=0, help="linear lr warmup over this many steps")
     optim.add_argument("--ema-decay", type=finite_float, default=0.9999)
     optim.add_argument("--mixed-precision", type=str, choices=PRECISIONS, default="auto",
                        help="auto = bf16 on a GPU that supports it, fp32 (no) elsewhere; the model runs under "
@@ -183,6 +187,10 @@ def validate_args(args):
         raise UsageError(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
     if not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
+    check_at_least(args, 0, "warmup_steps")
+    if args.lr_schedule == "cosine" and args.max_steps is not None and args.max_steps <= args.warmup_steps:
+        raise UsageError(f"--lr-schedule cosine decays after the warmup: --max-steps {args.max_steps} must exceed "
+                         f"--warmup-steps {args.warmup_steps}")
     for flag in ("snr_gamma", "p2_k", "p2_gamma", "ant_lr"):  # loss weightings (diffusion/loss_weighting.py)
         if not getattr(args, flag) > 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be a finite number > 0, got {getattr(args, flag)}")
