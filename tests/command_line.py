@@ -1,6 +1,7 @@
 """Run a script's command line in this process, as a user would: (exit code, stderr) through launch.cli.run_command."""
 import contextlib
 import io
+import re
 
 from launch.cli import run_command
 
@@ -20,3 +21,13 @@ def run_cli(main, parser, argv, prog, parse_args=None):
         except SystemExit as stop:
             code = stop.code
     return code, stderr.getvalue()
+
+
+def ranks_exited_with(code, torchrun_stderr, nproc=2):
+    """Whether torchrun's failure report says every rank that failed exited with `code`.
+
+    A rank still running when the first one failed may be stopped by torchrun itself (SIGTERM: -15) before it
+    exits on its own: a race of the launcher, not a bug of ours, so -15 is allowed beside at least one `code`.
+    """
+    codes = [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+) \(pid", torchrun_stderr)]
+    return code in codes and set(codes) <= {code, -15} and len(codes) <= nproc
