@@ -63,9 +63,10 @@ def torchrun_command(nproc):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
-def stage_count(match, total):
-    """Units of the stage done: a count, or a bar's (n, N) scaled to the stage's total (rank 0 draws its share)."""
-    done = int(match[0]) * total // max(int(match[1]), 1) if isinstance(match, tuple) else int(match)
+def stage_count(groups, total):
+    """Units of the stage done from a progress match's groups: (count,), or a bar's (n, N) scaled to the stage's
+    total (sample_ddp.py's rank 0 draws only its share)."""
+    done = int(groups[0]) if len(groups) == 1 else int(groups[0]) * total // max(int(groups[1]), 1)
     return min(done, total)
 
 
@@ -83,11 +84,10 @@ def run_stage(name, cmd, log_path, total, progress, threads):
             text = chunk.decode(errors="replace")
             log.write(text)
             tail.extend(re.split(r"[\r\n]+", text))
-            counts = progress.findall(text)
-            if counts:
-                done = stage_count(counts[-1], total)
-                if done > bar.n:
-                    bar.update(done - bar.n)
+            matches = list(progress.finditer(text))
+            done = stage_count(matches[-1].groups(), total) if matches else 0
+            if done > bar.n:
+                bar.update(done - bar.n)
         process.wait()
     if process.returncode != 0:
         lines = "\n".join(line for line in tail if line.strip())
@@ -195,7 +195,7 @@ def describe_model(checkpoint, config, args):
     return (f"{model['model']} with {overrides} ({params / 1e6:.2f}M parameters), 28x28x1 pixels, routing alpha "
             f"{model['alpha']:g}, beta {model['beta']:g}",
             f"{config['max_steps']} steps, global batch {train['global_batch_size']}, lr {train['lr']:g} "
-            f"({train.get('lr_schedule', 'constant')}, warmup {train.get('warmup_steps', 0)} steps), EMA "
+            f"({train['lr_schedule']}, warmup {train['warmup_steps']} steps), EMA "
             f"{train['ema_decay']:g}, {train['noise_schedule']} schedule, seed {args.seed}, {args.nproc} process(es); "
             f"config `{shown_path(os.path.abspath(args.config))}`"), model
 

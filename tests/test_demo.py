@@ -145,7 +145,6 @@ def test_demo_stage_progress_reads_rank_0s_share_of_the_samples_as_the_whole():
     """sample_ddp.py's rank 0 draws its own share (250 of 500 on 2 ranks): its bar's end is the stage's end."""
     log = ("samples:  40%|####      | 100/250 [00:25<00:38,  3.88it/s]\r"
            "samples: 100%|##########| 250/250 [01:05<00:00,  3.79it/s]\n")
-    counts = demo.BAR_COUNT.findall(log)
-    assert [demo.stage_count(c, 500) for c in counts] == [200, 500]
-    assert demo.stage_count(demo.TRAIN_STEP.findall("(step=0001200) Train Loss: 0.05")[-1], 2400) == 1200
-    assert demo.stage_count(demo.TRAIN_STEP.findall("(step=0002500)")[-1], 2400) == 2400  # never past the end
+    assert [demo.stage_count(m.groups(), 500) for m in demo.BAR_COUNT.finditer(log)] == [200, 500]
+    assert demo.stage_count(demo.TRAIN_STEP.search("(step=0001200) Train Loss: 0.05").groups(), 2400) == 1200
+    assert demo.stage_count(demo.TRAIN_STEP.search("(step=0002500)").groups(), 2400) == 2400  # never past the end
